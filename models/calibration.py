@@ -1,0 +1,56 @@
+"""`exitserve calibrate`: pick the default threshold from dev data and store it in the checkpoint.
+
+The chosen threshold is the lowest one on the sweep grid such that the dev score at that threshold
+AND at every higher threshold stays >= `min_relative_score` x the final layer's score. (Requiring it
+of every higher threshold too keeps a lucky dip in the noisy score-vs-threshold curve from being
+picked.) Threshold 1.0 (no early exit) always qualifies, so a threshold is always found.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from models.checkpoint import Checkpoint, ExitConfig
+from models.evaluation import evaluate
+
+
+def choose_threshold(sweep_rows: list[dict], final_score: float, min_relative_score: float) -> dict:
+    """The calibrated sweep row (see the module docstring)."""
+    target = min_relative_score * final_score
+    chosen = None
+    for row in sorted(sweep_rows, key=lambda r: r["threshold"], reverse=True):
+        if row["score"] < target and row["threshold"] < 1.0:
+            break
+        chosen = row
+    assert chosen is not None  # threshold 1.0 is on the grid
+    return chosen
+
+
+def calibrate(
+    checkpoint: Checkpoint, data: str, split: str = "dev", min_relative_score: float = 0.99,
+    max_samples: int | None = None,
+) -> ExitConfig:
+    """Calibrate, update the checkpoint's exit config on disk, and return it."""
+    if not 0.0 < min_relative_score <= 1.0:
+        raise ValueError("--min-relative-score must lie in (0, 1]")
+    report = evaluate(checkpoint, data, split, max_samples=max_samples, timed_thresholds=())
+    row = choose_threshold(report["sweep"], report["final_layer_score"], min_relative_score)
+    cfg = checkpoint.exit_config
+    cfg.default_threshold = row["threshold"]
+    cfg.calibration = {
+        "data": data,
+        "split": split,
+        "samples": report["samples"],
+        "criterion": report["criterion"],
+        "metric": report["metric"],
+        "min_relative_score": min_relative_score,
+        "threshold": row["threshold"],
+        "score": row["score"],
+        "final_layer_score": report["final_layer_score"],
+        "relative_score": row["relative_score"],
+        "mean_exit_layer": row["mean_exit_layer"],
+        "layers_saved": row["layers_saved"],
+        "date": date.today().isoformat(),
+    }
+    cfg.save(checkpoint.path)
+    return cfg

@@ -1,0 +1,149 @@
+"""exitserve: early-exit (BERxiT) models -- train, evaluate, calibrate, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.criteria import CRITERIA
+from models.data import ColumnOptions
+from models.strategies import STRATEGIES
+
+DEFAULT_DATA = "../shared/data/glue/SST-2"
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, default=None if required else DEFAULT_DATA,
+                   help="GLUE task dir, CSV/TSV/JSONL file, or HF dataset name (e.g. glue/sst2)")
+    p.add_argument("--text-column", default=None, help="generic files: the text column (default: text)")
+    p.add_argument("--pair-column", default=None, help="generic files: the second text of a pair task")
+    p.add_argument("--label-column", default="label", help="generic files: the label column")
+    p.add_argument("--task-type", choices=["classification", "regression"], default=None,
+                   help="generic files: default guessed from the labels")
+
+
+def _columns(args: argparse.Namespace, default_text: str = "text") -> ColumnOptions:
+    return ColumnOptions(args.text_column or default_text, args.pair_column, args.label_column, args.task_type)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exitserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune an early-exit model (Hugging Face Trainer)")
+    p.add_argument("--backbone", default="minilm-l6",
+                   help="minilm-l6, mpnet-base, or any HF encoder id / local directory")
+    _add_data_args(p, required=False)
+    p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
+    p.add_argument("--strategy", choices=STRATEGIES, default="alternating")
+    p.add_argument("--raw", action="store_true", help="plain fine-tune baseline (no exits trained)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--max-length", type=int, default=128, help="max tokens per input")
+    p.add_argument("--max-train-samples", type=int, default=None, help="random training subset")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="dev subset for the stored scores")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--lte", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the LTE module (default: on for regression)")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help="default: lte for regression, max-prob for classification")
+    p.add_argument("--fp16-weights", action="store_true", help="store weights as fp16 (half the size)")
+
+    p = sub.add_parser("evaluate", help="layer-wise scores, threshold sweep, wall-clock, plots")
+    p.add_argument("checkpoint")
+    _add_data_args(p, required=True)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--criterion", choices=CRITERIA, default=None, help="default: the checkpoint's")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-timing", action="store_true", help="skip the wall-clock runs")
+    p.add_argument("--json", default=None, help="write the report here (plots go beside it)")
+
+    p = sub.add_parser("calibrate", help="choose and store the default threshold")
+    p.add_argument("checkpoint")
+    _add_data_args(p, required=True)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--min-relative-score", type=float, default=0.99)
+    p.add_argument("--max-samples", type=int, default=None)
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded SST-2 model)")
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (env EXITSERVE_CHECKPOINT)")
+    p.add_argument("--host", default=None, help="default 127.0.0.1 (env EXITSERVE_HOST)")
+    p.add_argument("--port", type=int, default=None, help="default 8000 (env EXITSERVE_PORT)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other setting, e.g. --set max_batch_size=16 (see server/settings.py)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from models.training import TrainOptions, train
+
+    options = TrainOptions(
+        backbone=args.backbone, data=args.data, output=args.output,
+        strategy="raw" if args.raw else args.strategy, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, max_length=args.max_length,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
+        lte=args.lte, criterion=args.criterion, fp16_weights=args.fp16_weights, columns=_columns(args),
+    )
+    path = train(options)
+    from models.checkpoint import ExitConfig
+
+    scores = ExitConfig.read(path).dev_scores
+    for row in scores.get("per_layer", []):
+        print(f"layer {row['layer']}: {scores['metric']} {row['score']:.4f}")
+    print(f"checkpoint written to {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from models.checkpoint import load_checkpoint
+    from models.evaluation import TIMED_THRESHOLDS, evaluate, format_report, write_report
+
+    ckpt = load_checkpoint(args.checkpoint)
+    columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
+    report = evaluate(ckpt, args.data, args.split, columns, args.criterion, args.max_samples, args.batch_size,
+                      () if args.no_timing else TIMED_THRESHOLDS)
+    print(format_report(report))
+    if args.json:
+        for path in write_report(report, Path(args.json)):
+            print(f"wrote {path}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from models.calibration import calibrate
+    from models.checkpoint import load_checkpoint
+
+    cfg = calibrate(load_checkpoint(args.checkpoint), args.data, args.split, args.min_relative_score,
+                    args.max_samples)
+    print(json.dumps(cfg.calibration, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.main import run
+    from server.settings import Settings
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    for name, value in (("checkpoint", args.checkpoint), ("host", args.host), ("port", args.port)):
+        if value is not None:
+            overrides[name] = value
+    return run(Settings(**overrides))
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from models.backbones import BackboneError
+    from models.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (CheckpointError, BackboneError, FileNotFoundError, ValueError) as exc:
+        print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

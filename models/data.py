@@ -1,0 +1,161 @@
+"""Load labelled text for training and evaluation.
+
+`--data` may be:
+  - a GLUE task directory (SST-2, MRPC, STS-B, RTE, CoLA, QNLI as distributed: `train.tsv`,
+    `dev.tsv`; MRPC's UTF-8 BOM, CoLA's missing header and STS-B's ten columns are handled);
+  - a CSV, TSV or JSONL file, with `--text-column`, `--pair-column`, `--label-column`;
+  - a Hugging Face dataset name such as `glue/sst2` or `user/dataset` (needs `pip install
+    exitserve[hub]` and internet; the split `dev` maps to `validation`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from models.tasks import CLASSIFICATION, REGRESSION, TaskSpec, glue_task
+
+# Quirks of the GLUE TSV files, per task: renamed columns, or the columns of a headerless file.
+GLUE_RENAME = {
+    "mrpc": {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"},
+    "stsb": {"score": "label"},
+}
+GLUE_HEADERLESS = {"cola": ["source", "label", "original_label", "sentence"]}
+SPLIT_FILES = {"dev": ("dev", "validation"), "validation": ("validation", "dev"), "train": ("train",)}
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int] | list[float]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, n: int | None, seed: int) -> Examples:
+        """A random subset of n rows (all rows when n is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        rows = sorted(random.Random(seed).sample(range(len(self)), n))
+        return Examples(
+            [self.texts[i] for i in rows],
+            [self.pairs[i] for i in rows] if self.pairs is not None else None,
+            [self.labels[i] for i in rows],  # type: ignore[misc]
+        )
+
+
+@dataclass(frozen=True)
+class ColumnOptions:
+    """For generic files and datasets; GLUE tasks know their columns."""
+
+    text_column: str = "text"
+    pair_column: str | None = None
+    label_column: str = "label"
+    task_type: str | None = None  # classification | regression; None: guess from the labels
+
+
+def _read_table(path: Path, delimiter: str, fieldnames: list[str] | None) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        return list(csv.DictReader(fh, fieldnames=fieldnames, delimiter=delimiter, quoting=quoting))
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    return _read_table(path, "\t" if path.suffix == ".tsv" else ",", None)
+
+
+def _glue_file(directory: Path, split: str) -> Path:
+    for stem in SPLIT_FILES.get(split, (split,)):
+        if (directory / f"{stem}.tsv").exists():
+            return directory / f"{stem}.tsv"
+    raise FileNotFoundError(f"no {split} split (e.g. {split}.tsv) in {directory}")
+
+
+def _hub_rows(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise RuntimeError("Hugging Face datasets need: pip install 'exitserve[hub]'") from exc
+    hf_split = "validation" if split == "dev" else split
+    parts = name.split("/")
+    config = parts[1] if parts[0] == "glue" and len(parts) == 2 else None
+    path = "nyu-mll/glue" if config else name
+    return list(datasets.load_dataset(path, config, split=hf_split))
+
+
+def _spec_for(
+    name: str, rows: list[dict], options: ColumnOptions, label_names: tuple[str, ...] | None
+) -> TaskSpec:
+    glue = glue_task(name)
+    if glue is not None:
+        return glue
+    if not rows:
+        raise ValueError(f"{name}: no rows")
+    for column in (options.text_column, options.pair_column, options.label_column):
+        if column is not None and column not in rows[0]:
+            raise ValueError(f"{name}: no column {column!r}; columns are {sorted(rows[0])}")
+    raw = [str(r[options.label_column]) for r in rows]
+    task_type = options.task_type
+    if task_type is None:
+        task_type = REGRESSION if any(_is_fractional(v) for v in raw) else CLASSIFICATION
+    names = label_names or (tuple(sorted(set(raw))) if task_type == CLASSIFICATION else ())
+    metric = "accuracy" if task_type == CLASSIFICATION else "spearman"
+    return TaskSpec(
+        Path(name).stem, task_type, metric, options.text_column, options.pair_column,
+        options.label_column, names,
+    )
+
+
+def _is_fractional(value: str) -> bool:
+    try:
+        return float(value) != int(float(value))
+    except ValueError:
+        return False
+
+
+def load_examples(
+    data: str,
+    split: str = "train",
+    options: ColumnOptions | None = None,
+    label_names: tuple[str, ...] | None = None,
+) -> tuple[TaskSpec, Examples]:
+    """Read one split. `label_names` (from a checkpoint) fixes the label -> id mapping."""
+    options = options or ColumnOptions()
+    path = Path(data)
+    if path.is_dir():
+        file = _glue_file(path, split)
+        glue = glue_task(path.name)
+        key = glue.name if glue else ""
+        rows = _read_table(file, "\t", GLUE_HEADERLESS.get(key))
+        rename = GLUE_RENAME.get(key, {})
+        rows = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
+        rows_name = glue.name if glue else path.name
+    elif path.is_file():
+        rows, rows_name = _read_file(path), path.name
+    else:
+        rows, rows_name = _hub_rows(data, split), data
+    spec = _spec_for(rows_name, rows, options, label_names)
+    if label_names and not spec.is_regression and tuple(label_names) != spec.label_names:
+        spec = replace(spec, label_names=tuple(label_names))
+    return spec, _examples(spec, rows)
+
+
+def _examples(spec: TaskSpec, rows: list[dict]) -> Examples:
+    texts, pairs, labels = [], [], []
+    for row in rows:
+        text = row.get(spec.text_column)
+        raw = row.get(spec.label_column)
+        if text is None or raw is None or str(raw) in ("", "-1"):
+            continue  # unlabelled rows (e.g. hub test splits)
+        texts.append(str(text))
+        if spec.pair_column:
+            pairs.append(str(row.get(spec.pair_column) or ""))
+        labels.append(float(raw) if spec.is_regression else spec.label_id(str(raw)))
+    return Examples(texts, pairs if spec.pair_column else None, labels)

@@ -1,0 +1,131 @@
+"""The early-exit model (BERxiT): a pretrained encoder with an exit head after every layer.
+
+    input ids ──embed──> h0 ──layer 1──> h1 ──layer 2──> h2 ... ──layer L──> hL
+                                          │               │                   │
+                                        exit 1          exit 2     ...      exit L (the final classifier)
+                                          │               │                   │
+                                 logits, LTE conf   logits, LTE conf     logits, LTE conf
+
+- `ExitHead` (one per layer): pooler (dense + tanh on the first token, initialised from the
+  backbone's pretrained pooler when it has one), dropout, linear -> C logits (1 for regression).
+- `lte` (optional, shared by all layers): one linear layer + sigmoid over an exit's pooled state;
+  it predicts how trustworthy that exit is (BERxiT's learned-to-exit module).
+
+`forward` runs every layer and returns every exit's output (training and "record all layers").
+`embed`, `run_layer` and `exit_outputs` are the pieces the layer-by-layer inference engine and the
+server's scheduler drive one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from models.backbones import LayerStepper, resolve_backbone
+
+
+@dataclass
+class AllExits:
+    """Every exit's output for a batch: logits `[L, B, C]`, LTE confidence `[L, B]` (or None)."""
+
+    logits: torch.Tensor
+    lte: torch.Tensor | None
+
+
+class ExitHead(nn.Module):
+    def __init__(self, hidden_size: int, num_outputs: int, dropout: float):
+        super().__init__()
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = torch.tanh(self.pooler(hidden[:, 0]))
+        return self.classifier(self.dropout(pooled)), pooled
+
+
+class EarlyExitModel(nn.Module):
+    def __init__(self, encoder: nn.Module, num_outputs: int, use_lte: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.stepper = LayerStepper(encoder)
+        config = encoder.config
+        hidden = config.hidden_size if hasattr(config, "hidden_size") else config.dim
+        dropout = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", 0.1))
+        self.num_layers = self.stepper.num_layers
+        self.num_outputs = num_outputs
+        self.heads = nn.ModuleList(ExitHead(hidden, num_outputs, dropout) for _ in range(self.num_layers))
+        self.lte = nn.Linear(hidden, 1) if use_lte else None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: str, num_outputs: int, use_lte: bool) -> EarlyExitModel:
+        """A fresh model on pretrained weights; exit poolers copy the pretrained pooler if any."""
+        encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
+        model = cls(encoder, num_outputs, use_lte)
+        pretrained = model.stepper.pretrained_pooler()
+        if pretrained is not None:
+            for head in model.heads:
+                head.pooler.load_state_dict(pretrained.state_dict())
+        return model
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, num_outputs: int, use_lte: bool) -> EarlyExitModel:
+        """An uninitialised model of the given shape (weights are loaded afterwards)."""
+        return cls(AutoModel.from_config(config), num_outputs, use_lte)
+
+    @classmethod
+    def backbone_config(cls, backbone: str) -> PretrainedConfig:
+        return AutoConfig.from_pretrained(resolve_backbone(backbone))
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.encoder.config
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """backbone, exits (1..n-1), final (exit n), lte: what training strategies freeze or train."""
+        return {
+            "backbone": list(self.encoder.parameters()),
+            "exits": [p for head in self.heads[:-1] for p in head.parameters()],
+            "final": list(self.heads[-1].parameters()),
+            "lte": list(self.lte.parameters()) if self.lte is not None else [],
+        }
+
+    # ---- the three steps the inference engine drives ------------------------------------------
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.stepper.embed(input_ids, token_type_ids)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Transformer layer `index` (0-based)."""
+        return self.stepper.layer(index, hidden, attention_mask)
+
+    def exit_outputs(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Exit `index` (0-based) on layer index+1's output: logits `[B, C]` and LTE conf `[B]`."""
+        logits, pooled = self.heads[index](hidden)
+        lte = torch.sigmoid(self.lte(pooled)).squeeze(-1) if self.lte is not None else None
+        return logits, lte
+
+    # ---- every layer at once ------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        detach_backbone: bool = False,
+    ) -> AllExits:
+        """Run all layers and every exit. `detach_backbone` stops exit losses from reaching the
+        encoder (two-stage's second stage)."""
+        hidden = self.embed(input_ids, token_type_ids)
+        logits, lte = [], []
+        for index in range(self.num_layers):
+            hidden = self.run_layer(index, hidden, attention_mask)
+            layer_logits, layer_lte = self.exit_outputs(index, hidden.detach() if detach_backbone else hidden)
+            logits.append(layer_logits)
+            lte.append(layer_lte)
+        return AllExits(
+            logits=torch.stack(logits),
+            lte=torch.stack(lte) if self.lte is not None else None,  # type: ignore[arg-type]
+        )

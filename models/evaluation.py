@@ -1,0 +1,196 @@
+"""`exitserve evaluate`: layer-wise scores, a threshold sweep, measured wall-clock, and plots.
+
+One pass records every exit's output for the whole split (`record_all_layers`); the layer-wise
+curve and the sweep are computed from those outputs with the same decision rule the engine uses.
+Wall-clock is measured separately by running the real layer-by-layer engine at a few thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.checkpoint import Checkpoint
+from models.criteria import ExitCriterion
+from models.data import ColumnOptions, Examples, load_examples
+from models.early_exit import AllExits
+from models.encoding import encode
+from models.inference import predict, record_all_layers, simulate_exits
+from models.metrics import all_scores
+from models.tasks import TaskSpec
+
+# The sweep is fine enough for calibration; the printed table and the timing use a few points.
+SWEEP_GRID = [round(t, 3) for t in np.arange(0.0, 1.0, 0.01)] + [0.995, 0.999, 1.0]
+TIMED_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
+
+
+def _predictions(logits: torch.Tensor, regression: bool) -> list[float]:
+    return (logits[..., 0] if regression else logits.argmax(-1)).tolist()
+
+
+def per_layer_scores(recorded: AllExits, spec: TaskSpec, labels: Sequence[float]) -> list[dict]:
+    """Every sample forced to exit at layer k, for k = 1..L."""
+    rows = []
+    for k in range(recorded.logits.shape[0]):
+        scores = all_scores(spec.metric, _predictions(recorded.logits[k], spec.is_regression), labels)
+        rows.append({"layer": k + 1, "score": scores[spec.metric], "scores": scores})
+    return rows
+
+
+def sweep(
+    recorded: AllExits,
+    criterion: ExitCriterion,
+    spec: TaskSpec,
+    labels: Sequence[float],
+    grid: Sequence[float] = SWEEP_GRID,
+) -> list[dict]:
+    """Score and mean exit layer at each threshold (one threshold for all layers)."""
+    num_layers = recorded.logits.shape[0]
+    final = all_scores(spec.metric, _predictions(recorded.logits[-1], spec.is_regression), labels)[spec.metric]
+    rows = []
+    for threshold in grid:
+        sim = simulate_exits(recorded, criterion, [threshold] * num_layers)
+        value = all_scores(spec.metric, _predictions(sim.logits, spec.is_regression), labels)[spec.metric]
+        mean_exit = float(sim.exit_layer.float().mean())
+        rows.append({
+            "threshold": threshold,
+            "score": value,
+            "relative_score": value / final if final else float("nan"),
+            "mean_exit_layer": mean_exit,
+            "layers_saved": 1.0 - mean_exit / num_layers,
+        })
+    return rows
+
+
+def wall_clock(
+    checkpoint: Checkpoint, criterion: ExitCriterion, samples: list, thresholds: Sequence[float], batch_size: int
+) -> list[dict]:
+    """Seconds for the real engine to answer the whole split at each threshold (best of 2 runs)."""
+    model, cfg = checkpoint.model, checkpoint.exit_config
+    pad = checkpoint.tokenizer.pad_token_id
+    predict(model, criterion, samples[:batch_size], cfg.thresholds(1.0), pad, batch_size)  # warm-up
+    rows = []
+    for threshold in tqdm(thresholds, desc="wall-clock", unit="threshold"):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            predict(model, criterion, samples, cfg.thresholds(threshold), pad, batch_size)
+            times.append(time.perf_counter() - start)
+        rows.append({"threshold": threshold, "seconds": min(times)})
+    full = next((r["seconds"] for r in rows if r["threshold"] >= 1.0), None)
+    for row in rows:
+        row["speedup_vs_full"] = full / row["seconds"] if full else None
+    return rows
+
+
+def evaluate(
+    checkpoint: Checkpoint,
+    data: str,
+    split: str = "dev",
+    columns: ColumnOptions | None = None,
+    criterion_name: str | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 32,
+    timed_thresholds: Sequence[float] = TIMED_THRESHOLDS,
+) -> dict:
+    cfg = checkpoint.exit_config
+    spec, rows = load_split_for(checkpoint, data, split, columns)
+    rows = rows.subset(max_samples, seed=0)
+    criterion = cfg.make_criterion(criterion_name)
+    samples = encode(checkpoint.tokenizer, rows.texts, rows.pairs, cfg.max_length)
+    with tqdm(total=len(samples), desc="recording all layers", unit="sample") as bar:
+        recorded = record_all_layers(checkpoint.model, samples, checkpoint.tokenizer.pad_token_id, batch_size, bar)
+    layers = per_layer_scores(recorded, spec, rows.labels)
+    timings = wall_clock(checkpoint, criterion, samples, timed_thresholds, batch_size) if timed_thresholds else []
+    return {
+        "checkpoint": str(checkpoint.path),
+        "data": data,
+        "split": split,
+        "samples": len(rows),
+        "metric": spec.metric,
+        "criterion": criterion.name,
+        "num_layers": cfg.num_layers,
+        "final_layer_score": layers[-1]["score"],
+        "final_layer_scores": layers[-1]["scores"],
+        "per_layer": layers,
+        "sweep": sweep(recorded, criterion, spec, rows.labels),
+        "wall_clock": {"batch_size": batch_size, "device": str(next(checkpoint.model.parameters()).device),
+                       "torch_threads": torch.get_num_threads(), "runs": timings},
+    }
+
+
+def load_split_for(
+    checkpoint: Checkpoint, data: str, split: str, columns: ColumnOptions | None = None
+) -> tuple[TaskSpec, Examples]:
+    """A split with the checkpoint's label mapping (and its text columns unless given)."""
+    cfg = checkpoint.exit_config
+    columns = columns or ColumnOptions(cfg.text_column, cfg.pair_column, "label", cfg.task_type)
+    return load_examples(data, split, columns, tuple(cfg.label_names) or None)
+
+
+def write_report(report: dict, json_path: Path) -> list[Path]:
+    """The JSON report plus two PNG plots beside it; returns the written paths."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return [json_path, *plot_report(report, json_path.with_suffix(""))]
+
+
+def plot_report(report: dict, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = report["metric"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    layers = report["per_layer"]
+    ax.plot([r["layer"] for r in layers], [r["score"] for r in layers], marker="o")
+    ax.set(xlabel="exit layer (all samples forced)", ylabel=metric, title="Layer-wise score")
+    ax.grid(alpha=0.3)
+    layer_png = Path(f"{stem}_layers.png")
+    fig.tight_layout()
+    fig.savefig(layer_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    pts = report["sweep"]
+    ax.plot([r["mean_exit_layer"] for r in pts], [r["score"] for r in pts], marker=".", label="threshold sweep")
+    ax.axhline(report["final_layer_score"], color="grey", ls="--", label="final layer")
+    ax.set(xlabel="mean exit layer", ylabel=metric, title=f"Trade-off ({report['criterion']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    sweep_png = Path(f"{stem}_tradeoff.png")
+    fig.tight_layout()
+    fig.savefig(sweep_png, dpi=120)
+    plt.close(fig)
+    return [layer_png, sweep_png]
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"{report['samples']} samples, metric {report['metric']}, criterion {report['criterion']}",
+        f"final layer: {report['final_layer_scores']}",
+        "",
+        "layer  score",
+        *(f"{r['layer']:>5}  {r['score']:.4f}" for r in report["per_layer"]),
+        "",
+        "threshold  score   relative  mean_exit  layers_saved",
+    ]
+    shown = set(TIMED_THRESHOLDS) | {0.0, 0.6}
+    for r in report["sweep"]:
+        if r["threshold"] in shown:
+            lines.append(
+                f"{r['threshold']:>9.3f}  {r['score']:.4f}  {r['relative_score']:.4f}    "
+                f"{r['mean_exit_layer']:.2f}       {r['layers_saved']:.1%}"
+            )
+    runs = report["wall_clock"]["runs"]
+    if runs:
+        lines += ["", f"wall-clock (batch {report['wall_clock']['batch_size']}): threshold  seconds  speed-up"]
+        lines += [f"  {r['threshold']:>9.3f}  {r['seconds']:7.3f}  {r['speedup_vs_full'] or 0:.2f}x" for r in runs]
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""`exitserve train`: fine-tune an early-exit model with the Hugging Face Trainer.
+
+`EarlyExitTrainer` subclasses `transformers.Trainer` and only overrides `compute_loss`: the loss of
+each step comes from `models.strategies` (which objective applies at this epoch/step). Everything
+else -- optimiser, schedule, progress bar, seeding -- is the stock Trainer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import (
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from models.backbones import resolve_backbone
+from models.checkpoint import ExitConfig, save_checkpoint
+from models.data import ColumnOptions, Examples, load_examples
+from models.early_exit import EarlyExitModel
+from models.encoding import Encoded, collate, encode
+from models.evaluation import per_layer_scores
+from models.inference import record_all_layers
+from models.strategies import MULTI_EPOCH, STRATEGIES, objective_loss, phase_for
+
+
+@dataclass
+class TrainOptions:
+    backbone: str = "minilm-l6"
+    data: str = "../shared/data/glue/SST-2"
+    output: str = "runs/model"
+    strategy: str = "alternating"
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 42
+    lte: bool | None = None  # None: on for regression, off for classification
+    criterion: str | None = None  # None: lte for regression, max-prob for classification
+    default_threshold: float = 0.9
+    fp16_weights: bool = False
+    columns: ColumnOptions = field(default_factory=ColumnOptions)
+
+
+class TextDataset(Dataset):
+    def __init__(self, samples: list[Encoded], labels: list):
+        self.samples, self.labels = samples, labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        # "input_ids" lets the Trainer's length-grouped sampler read lengths.
+        return {"input_ids": self.samples[i].input_ids, "sample": self.samples[i], "label": self.labels[i]}
+
+
+class Collator:
+    def __init__(self, pad_id: int, regression: bool):
+        self.pad_id, self.regression = pad_id, regression
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = collate([r["sample"] for r in rows], self.pad_id)
+        dtype = torch.float32 if self.regression else torch.long
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        return batch
+
+
+class _EpochCounter(TrainerCallback):
+    def __init__(self, trainer: EarlyExitTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.epoch_index += 1
+
+
+class EarlyExitTrainer(Trainer):
+    """The stock Trainer with the loss of the chosen strategy."""
+
+    def __init__(self, *args, strategy: str, regression: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strategy, self.regression = strategy, regression
+        self.epoch_index = -1
+        self.add_callback(_EpochCounter(self))
+
+    def current_phase(self):
+        return phase_for(
+            self.strategy, max(self.epoch_index, 0), int(self.args.num_train_epochs), self.state.global_step
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Parameters outside this phase's objective can still get zero gradients (the exits share
+        # one stacked tensor); drop them so the optimiser skips them entirely, weight decay included.
+        groups = model.parameter_groups()
+        for name in self.current_phase().frozen:
+            for param in groups[name]:
+                param.grad = None
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        phase = self.current_phase()
+        out = model(**inputs, detach_backbone=phase.detach_backbone)
+        loss = objective_loss(phase, out, labels, self.regression)
+        return (loss, out) if return_outputs else loss
+
+
+def _check(options: TrainOptions) -> None:
+    if options.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if options.strategy in MULTI_EPOCH and options.epochs < 2:
+        raise ValueError(f"strategy {options.strategy!r} alternates objectives by epoch: use --epochs >= 2")
+
+
+def train(options: TrainOptions) -> Path:
+    """Train, score every exit on the dev split (if there is one), save a checkpoint."""
+    _check(options)
+    set_seed(options.seed)
+    spec, train_rows = load_examples(options.data, "train", options.columns)
+    train_rows = train_rows.subset(options.max_train_samples, options.seed)
+    try:
+        _, dev_rows = load_examples(options.data, "dev", options.columns, spec.label_names or None)
+        dev_rows = dev_rows.subset(options.max_eval_samples, options.seed)
+    except FileNotFoundError:
+        dev_rows = None
+    use_lte = spec.is_regression if options.lte is None else options.lte
+    criterion = options.criterion or ("lte" if spec.is_regression else "max-prob")
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
+    model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte)
+    samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
+    args = TrainingArguments(
+        output_dir=str(Path(options.output) / "trainer"),
+        per_device_train_batch_size=options.batch_size,
+        num_train_epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup,
+        train_sampling_strategy="group_by_length",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        seed=options.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+    trainer = EarlyExitTrainer(
+        model=model,
+        args=args,
+        train_dataset=TextDataset(samples, train_rows.labels),
+        data_collator=Collator(tokenizer.pad_token_id, spec.is_regression),
+        strategy=options.strategy,
+        regression=spec.is_regression,
+    )
+    started = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - started
+
+    model.eval()
+    exit_config = ExitConfig(
+        task=spec.name, task_type=spec.task_type, metric=spec.metric, label_names=list(spec.label_names),
+        num_layers=model.num_layers, backbone=options.backbone, criterion=criterion,
+        default_threshold=options.default_threshold, use_lte=use_lte, max_length=options.max_length,
+        strategy=options.strategy, text_column=spec.text_column, pair_column=spec.pair_column,
+        training={
+            **{k: v for k, v in asdict(options).items() if k not in ("columns", "output")},
+            "train_samples": len(train_rows), "train_seconds": round(elapsed, 1),
+            "steps": trainer.state.global_step,
+        },
+    )
+    if dev_rows is not None and len(dev_rows):
+        exit_config.dev_scores = dev_layer_scores(model, tokenizer, exit_config, dev_rows)
+    return save_checkpoint(options.output, model, tokenizer, exit_config, fp16=options.fp16_weights)
+
+
+def dev_layer_scores(model: EarlyExitModel, tokenizer, exit_config: ExitConfig, rows: Examples) -> dict:
+    samples = encode(tokenizer, rows.texts, rows.pairs, exit_config.max_length)
+    recorded = record_all_layers(model, samples, tokenizer.pad_token_id)
+    layers = per_layer_scores(recorded, exit_config.task_spec(), rows.labels)
+    return {"split": "dev", "samples": len(rows), "metric": exit_config.metric, "per_layer": layers}

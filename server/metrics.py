@@ -1,0 +1,53 @@
+"""Prometheus metrics, one per pipeline stage (seconds as units, TEI's conventions).
+
+Each app gets its own registry, so several apps (tests, Ray replicas) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# geometric from 15 us x 1.5 up to ~60 s: fine enough for sub-millisecond stages
+DURATION_BUCKETS = tuple(round(15e-6 * 1.5**i, 7) for i in range(38))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, model_name: str, num_layers: int):
+        self.registry = CollectorRegistry()
+        self.model = model_name
+        self.num_layers = num_layers
+        r = self.registry
+        self.requests = Counter("exitserve_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.predictions = Counter("exitserve_predictions", "Inputs answered", ["model"], registry=r)
+        self.exit_layer = Histogram(
+            "exitserve_exit_layer", "Layer at which inputs exited (1-based)", ["model"],
+            buckets=tuple(range(1, num_layers + 1)), registry=r,
+        )
+        self.layers_saved = Counter("exitserve_layers_saved", "Layers skipped by early exit", ["model"], registry=r)
+        self.average_layers_saved = Gauge(
+            "exitserve_average_layers_saved", "Layers saved per prediction since start", ["model"], registry=r
+        )
+        self.request_duration = self._hist("exitserve_request_duration_seconds", "Whole /predict request")
+        self.tokenization_duration = self._hist("exitserve_tokenization_duration_seconds", "Tokenisation")
+        self.queue_duration = self._hist("exitserve_queue_duration_seconds", "Submit to first layer, per input")
+        self.inference_duration = self._hist("exitserve_inference_duration_seconds", "First layer to exit, per input")
+        self.batch_size = Histogram(
+            "exitserve_batch_size", "Rows per layer step", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_size = Gauge("exitserve_queue_size", "Inputs waiting to start", ["model"], registry=r)
+        self.failures = Counter("exitserve_request_failures", "Failed requests", ["reason"], registry=r)
+        self._answered = 0
+        self._saved = 0
+
+    def _hist(self, name: str, doc: str) -> Histogram:
+        return Histogram(name, doc, ["model"], buckets=DURATION_BUCKETS, registry=self.registry)
+
+    def observe_exit(self, exit_layer: int) -> None:
+        saved = self.num_layers - exit_layer
+        self._answered += 1
+        self._saved += saved
+        self.predictions.labels(self.model).inc()
+        self.exit_layer.labels(self.model).observe(exit_layer)
+        self.layers_saved.labels(self.model).inc(saved)
+        self.average_layers_saved.labels(self.model).set(self._saved / self._answered)

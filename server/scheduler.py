@@ -1,0 +1,257 @@
+"""The layer-level continuous-batching scheduler: turns skipped layers into throughput.
+
+Pipeline: the HTTP handler tokenises (off the event loop) and `submit`s one `Sample` per input to a
+bounded admission queue; a single worker thread runs the model one layer at a time; each sample's
+future is resolved on the event loop the moment it exits.
+
+Every sample in flight waits at a *layer boundary* (its next layer k, 0 = not started). Samples at
+the same boundary form a group, whatever request they came from. One scheduler step:
+
+  1. admits queued samples into group 0 (dropping any whose deadline has passed: 503);
+  2. picks ONE group to advance -- the one holding the sample that has waited longest since it
+     last advanced (least-recently-advanced first). This is starvation-free: a newly arrived
+     sample starts layer 1 after at most one step per occupied group (<= L + 1 steps), instead
+     of waiting for the deepest in-flight sample to finish; and because survivors of layer k join
+     the samples already waiting at k + 1, groups coalesce into larger batches under load;
+  3. cuts a batch from that group, length-aware: rows sorted by length, a contiguous window
+     around the longest-waiting row, at most `max_batch_size` rows and `max_batch_tokens` padded
+     tokens;
+  4. pads the rows' hidden states (real tokens only are stored per sample), runs layer k and
+     exit k, and decides exits with the same rule as the library (`models.criteria.exits_now`);
+  5. answers exited samples at once; the rest move to group k + 1.
+
+So a sample that exits at layer k has run exactly k layers, and its result depends only on its
+own tokens (rows never interact inside a layer; padding is masked), not on what else is in flight.
+An exception in a step fails only that batch's samples; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from models.criteria import ExitCriterion, exits_now
+from models.early_exit import EarlyExitModel
+from models.encoding import Encoded
+from models.inference import LayerTrace, Prediction, decode
+
+
+class QueueFull(Exception):
+    """The admission queue has no room for the request's samples (answered 429)."""
+
+
+class DeadlineExceeded(Exception):
+    """The sample waited in the queue past its deadline (answered 503)."""
+
+
+class SchedulerStopped(Exception):
+    """The scheduler is shut down."""
+
+
+@dataclass(eq=False)
+class Sample:
+    encoded: Encoded
+    thresholds: torch.Tensor  # [L]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic()
+    trace: list[LayerTrace] | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # first layer began
+    finished: float | None = None
+    waiting_since: float = field(default_factory=time.monotonic)
+    next_layer: int = 0
+    hidden: torch.Tensor | None = None  # [len, H] after `next_layer` layers
+    memory: torch.Tensor | None = None  # criterion memory row
+
+    def resolve(self, result: Prediction | BaseException) -> None:
+        self.finished = time.monotonic()
+
+        def _set() -> None:
+            if self.future.done():
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+@dataclass
+class StepStats:
+    layer: int  # 1-based layer just run
+    batch_size: int
+    padded_tokens: int
+    exited: list[Sample]
+
+
+class LayerScheduler:
+    def __init__(
+        self,
+        model: EarlyExitModel,
+        criterion: ExitCriterion,
+        pad_id: int,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_queue_size: int = 512,
+        on_step: Callable[[StepStats], None] | None = None,
+    ):
+        self.model, self.criterion, self.pad_id = model, criterion, pad_id
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.max_queue_size = max_queue_size
+        self.on_step = on_step
+        self.device = next(model.parameters()).device
+        self.num_layers = model.num_layers
+        self._queue: deque[Sample] = deque()
+        self._groups: list[list[Sample]] = [[] for _ in range(self.num_layers)]
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the event-loop side --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="exitserve-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(g) for g in self._groups)
+
+    def submit(self, samples: list[Sample]) -> None:
+        """Queue all of a request's samples, or none (QueueFull)."""
+        with self._cv:
+            if self._stopping:
+                raise SchedulerStopped("the server is shutting down")
+            if len(self._queue) + len(samples) > self.max_queue_size:
+                raise QueueFull(f"queue full ({self.max_queue_size} inputs waiting)")
+            self._queue.extend(samples)
+            self._cv.notify()
+
+    # ---- the worker thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stopping and not self._queue and not self.in_flight:
+                    self._cv.wait()
+                if self._stopping and not self._queue and not self.in_flight:
+                    return
+                self._admit()
+            group = self._pick_group()
+            if group is None:
+                continue
+            batch = self._cut_batch(self._groups[group])
+            for sample in batch:
+                self._groups[group].remove(sample)
+            try:
+                self._step(group, batch)
+            except Exception as exc:  # fail this batch only; keep serving
+                for sample in batch:
+                    sample.resolve(exc)
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._queue:
+            sample = self._queue.popleft()
+            if sample.future.cancelled():
+                continue  # the client went away while queued: nothing to compute
+            if now > sample.deadline:
+                sample.resolve(DeadlineExceeded("request deadline passed while queued"))
+                continue
+            self._groups[0].append(sample)
+
+    def _pick_group(self) -> int | None:
+        waiting = [(min(s.waiting_since for s in g), k) for k, g in enumerate(self._groups) if g]
+        return min(waiting)[1] if waiting else None
+
+    def _cut_batch(self, group: list[Sample]) -> list[Sample]:
+        rows = sorted(group, key=lambda s: len(s.encoded))
+        anchor = min(range(len(rows)), key=lambda i: rows[i].waiting_since)
+        lo = hi = anchor  # the window is rows[lo : hi + 1]
+        while hi - lo + 1 < self.max_batch_size:
+            left = rows[lo - 1] if lo > 0 else None
+            right = rows[hi + 1] if hi + 1 < len(rows) else None
+            if left is None and right is None:
+                break
+            # grow towards the neighbour closer in length (less padding)
+            grow_right = left is None or (
+                right is not None and len(right.encoded) - len(rows[hi].encoded)
+                <= len(rows[lo].encoded) - len(left.encoded)
+            )
+            width = len(rows[hi + 1].encoded) if grow_right else len(rows[hi].encoded)
+            if (hi - lo + 2) * width > self.max_batch_tokens:
+                break
+            lo, hi = (lo, hi + 1) if grow_right else (lo - 1, hi)
+        return rows[lo : hi + 1]
+
+    def _step(self, layer: int, batch: list[Sample]) -> None:
+        now = time.monotonic()
+        lengths = [len(s.encoded) for s in batch]
+        width = max(lengths)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        mask = mask.to(self.device)
+        if layer == 0:
+            for s in batch:
+                s.started = now
+            hidden = self._embed(batch, width)
+            memory = self.criterion.initial_memory(len(batch), self.device)
+        else:
+            hidden = torch.zeros(len(batch), width, batch[0].hidden.shape[-1], device=self.device)
+            for i, s in enumerate(batch):
+                hidden[i, : lengths[i]] = s.hidden
+            memory = torch.stack([s.memory for s in batch]) if batch[0].memory is not None else None
+
+        hidden = self.model.run_layer(layer, hidden, mask)
+        logits, lte = self.model.exit_outputs(layer, hidden)
+        conf, memory = self.criterion.confidence(logits, lte, memory)
+        thresholds = torch.stack([s.thresholds[layer] for s in batch]).to(self.device)
+        leave = exits_now(conf, thresholds, layer == self.num_layers - 1).cpu().tolist()
+        logits_cpu, conf_cpu = logits.float().cpu(), conf.float().cpu()
+
+        exited = []
+        for i, s in enumerate(batch):
+            if s.trace is not None:
+                value, _, _ = decode(logits_cpu[i], self.criterion.regression)
+                s.trace.append(LayerTrace(layer + 1, float(conf_cpu[i]), value))
+            if leave[i]:
+                value, label, probs = decode(logits_cpu[i], self.criterion.regression)
+                s.hidden = s.memory = None
+                s.resolve(Prediction(layer + 1, float(conf_cpu[i]), value, label, probs, s.trace))
+                exited.append(s)
+            else:
+                s.hidden = hidden[i, : lengths[i]]
+                s.memory = memory[i] if memory is not None else None
+                s.next_layer = layer + 1
+                s.waiting_since = time.monotonic()
+                self._groups[layer + 1].append(s)
+        if self.on_step is not None:
+            self.on_step(StepStats(layer + 1, len(batch), len(batch) * width, exited))
+
+    def _embed(self, batch: list[Sample], width: int) -> torch.Tensor:
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(batch):
+            ids[i, : len(s.encoded)] = torch.tensor(s.encoded.input_ids)
+            if s.encoded.token_type_ids is not None:
+                types[i, : len(s.encoded)] = torch.tensor(s.encoded.token_type_ids)
+        return self.model.embed(ids.to(self.device), types.to(self.device))

@@ -1,0 +1,68 @@
+"""The HTTP contract: request and response bodies (they also make the OpenAPI spec)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] = Field(..., description="one text, or a list of texts")
+    text_pair: str | list[str] | None = Field(None, description="second texts, for pair tasks (same length)")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="exit threshold; default: the checkpoint's calibrated one. "
+        "1.0 runs every layer, 0.0 exits at layer 1",
+    )
+    return_trace: bool = Field(False, description="include every layer's confidence and prediction")
+
+
+class LayerTraceOut(BaseModel):
+    layer: int
+    confidence: float
+    prediction: str | float
+
+
+class PredictResult(BaseModel):
+    prediction: str | float = Field(..., description="label name, or the value for regression")
+    label_id: int | None = None
+    confidence: float
+    exit_layer: int = Field(..., description="1-based layer that answered")
+    num_layers: int
+    threshold: float
+    probabilities: dict[str, float] | None = None
+    trace: list[LayerTraceOut] | None = None
+
+
+class PredictBatchResponse(BaseModel):
+    results: list[PredictResult]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StatusResponse(BaseModel):
+    status: str
+
+
+class InfoResponse(BaseModel):
+    model: str
+    task: str
+    task_type: str
+    labels: list[str]
+    num_layers: int
+    criterion: str
+    default_threshold: float | list[float]
+    calibration: dict | None
+    backbone: str
+    strategy: str
+    max_length: int
+    pair_input: bool
+    limits: dict[str, int | float | bool]
+    version: str

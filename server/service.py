@@ -1,0 +1,128 @@
+"""The prediction service: checkpoint + tokenizer + scheduler + metrics, with no HTTP in it.
+
+A request goes: `predict` -> tokenise in a worker thread -> one `Sample` per input submitted to
+the `LayerScheduler` -> await every sample's future (each resolves the moment its input exits)
+-> results in input order plus per-stage timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.encoding import encode
+from models.inference import Prediction
+from server.metrics import Metrics
+from server.scheduler import LayerScheduler, Sample, StepStats
+from server.settings import Settings
+
+WARMUP_TEXTS = ["warming up", "a slightly longer sentence to warm up the model with some padding"]
+
+
+@dataclass
+class Timings:
+    tokenization: float
+    queue: float  # the slowest input's wait for its first layer
+    inference: float  # the slowest input's first layer to exit
+    total: float
+
+
+@dataclass
+class Outcome:
+    predictions: list[Prediction]
+    thresholds: list[float]  # the threshold each input ran with (layer 1's, for per-layer configs)
+    timings: Timings
+
+
+class PredictionService:
+    def __init__(self, checkpoint: Checkpoint, settings: Settings):
+        self.checkpoint, self.settings = checkpoint, settings
+        self.config = checkpoint.exit_config
+        self.tokenizer = checkpoint.tokenizer
+        self.criterion = self.config.make_criterion(settings.criterion)
+        self.name = checkpoint.path.name
+        self.metrics = Metrics(self.name, self.config.num_layers)
+        self.scheduler = LayerScheduler(
+            checkpoint.model, self.criterion, self.tokenizer.pad_token_id,
+            max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+            max_queue_size=settings.max_queue_size, on_step=self._on_step,
+        )
+        self.metrics.queue_size.labels(self.name).set_function(lambda: self.scheduler.queue_size)
+        self.ready = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> PredictionService:
+        """Load and validate the checkpoint (raises CheckpointError with a one-line reason)."""
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        return cls(load_checkpoint(settings.checkpoint, settings.device), settings)
+
+    @property
+    def pair_input(self) -> bool:
+        return self.config.pair_column is not None
+
+    def _on_step(self, stats: StepStats) -> None:
+        self.metrics.batch_size.labels(self.name).observe(stats.batch_size)
+        for _ in stats.exited:
+            self.metrics.observe_exit(stats.layer)
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        if self.settings.warmup:
+            for size in (1, 2):
+                await self.predict(WARMUP_TEXTS[:size] * (1 if size == 1 else 4), None, None, False)
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        self.scheduler.stop(self.settings.drain_timeout)
+
+    async def predict(
+        self, texts: list[str], pairs: list[str] | None, threshold: float | None, trace: bool
+    ) -> Outcome:
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(
+            None, encode, self.tokenizer, texts, pairs, self.config.max_length, self.settings.truncate
+        )
+        tokenized = time.monotonic()
+        self.metrics.tokenization_duration.labels(self.name).observe(tokenized - start)
+
+        thresholds = self.config.thresholds(threshold)
+        per_layer = torch.tensor(thresholds, dtype=torch.float32)
+        deadline = tokenized + self.settings.request_timeout
+        samples = [
+            Sample(e, per_layer, loop.create_future(), loop, deadline, [] if trace else None) for e in encoded
+        ]
+        self.scheduler.submit(samples)
+        predictions = await asyncio.gather(*(s.future for s in samples))
+        for s in samples:
+            self.metrics.queue_duration.labels(self.name).observe(s.started - s.submitted)
+            self.metrics.inference_duration.labels(self.name).observe(s.finished - s.started)
+        timings = Timings(
+            tokenization=tokenized - start,
+            queue=max(s.started - s.submitted for s in samples),
+            inference=max(s.finished - s.started for s in samples),
+            total=time.monotonic() - start,
+        )
+        return Outcome(list(predictions), [thresholds[0]] * len(samples), timings)
+
+    def info(self) -> dict:
+        cfg, s = self.config, self.settings
+        return {
+            "model": self.name, "task": cfg.task, "task_type": cfg.task_type, "labels": cfg.label_names,
+            "num_layers": cfg.num_layers, "criterion": self.criterion.name,
+            "default_threshold": cfg.default_threshold, "calibration": cfg.calibration,
+            "backbone": cfg.backbone, "strategy": cfg.strategy, "max_length": cfg.max_length,
+            "pair_input": self.pair_input,
+            "limits": {
+                "max_inputs_per_request": s.max_inputs_per_request, "max_chars": s.max_chars,
+                "max_body_bytes": s.max_body_bytes, "max_batch_size": s.max_batch_size,
+                "max_batch_tokens": s.max_batch_tokens, "max_queue_size": s.max_queue_size,
+                "request_timeout": s.request_timeout, "truncate": s.truncate,
+            },
+        }

@@ -1,0 +1,33 @@
+"""All server settings in one object; every field is also an `EXITSERVE_<NAME>` environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXITSERVE_", extra="ignore")
+
+    checkpoint: Path = Field(DEFAULT_MODEL, description="checkpoint directory (default: the embedded SST-2 model)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"
+    torch_threads: int | None = Field(None, description="intra-op threads (default: torch's choice)")
+    criterion: str | None = Field(None, description="override the checkpoint's exit criterion")
+    max_batch_size: int = Field(32, ge=1, description="rows per layer step")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per layer step")
+    max_queue_size: int = Field(512, ge=1, description="inputs waiting to start; beyond: 429")
+    max_inputs_per_request: int = Field(64, ge=1)
+    max_chars: int = Field(20000, ge=1, description="characters per text")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit; beyond: 413")
+    truncate: bool = Field(True, description="truncate inputs over the model's max tokens (else 422)")
+    request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue; then 503")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    api_key: str | None = Field(None, description="if set, /predict and /info need 'Authorization: Bearer KEY'")
+    warmup: bool = True
+    log_level: str = "info"

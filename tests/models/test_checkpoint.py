@@ -1,0 +1,109 @@
+"""Checkpoints round-trip, and every kind of damage stops loading with a clear one-line reason."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests.conftest import make_exit_config, make_model
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path, tokenizer):
+    return save_checkpoint(tmp_path / "ckpt", make_model(), tokenizer, make_exit_config())
+
+
+def test_round_trip_keeps_weights_config_and_tokenizer(ckpt_dir):
+    for name in ("config.json", "model.safetensors", "exit_config.json", "tokenizer.json"):
+        assert (ckpt_dir / name).is_file()
+    loaded = load_checkpoint(ckpt_dir)
+    original = make_model().state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    assert loaded.exit_config.label_names == ["negative", "positive"]
+    assert loaded.exit_config.thresholds() == [0.9] * 4
+    assert not loaded.model.training
+
+
+def test_fp16_weights_halve_the_file_and_load_as_fp32(tmp_path, tokenizer, ckpt_dir):
+    half = save_checkpoint(tmp_path / "half", make_model(), tokenizer, make_exit_config(), fp16=True)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (ckpt_dir / "model.safetensors").stat().st_size
+    model = load_checkpoint(half).model
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_missing_weights(ckpt_dir):
+    (ckpt_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_missing_exit_config(ckpt_dir):
+    (ckpt_dir / "exit_config.json").unlink()
+    with pytest.raises(CheckpointError, match="not an exitserve checkpoint"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_truncated_weights(ckpt_dir):
+    path = ckpt_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_pickle_file_in_place_of_weights_is_refused(ckpt_dir):
+    (ckpt_dir / "model.safetensors").write_bytes(pickle.dumps({"x": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_wrong_schema_version(ckpt_dir):
+    path = ckpt_dir / "exit_config.json"
+    raw = json.loads(path.read_text())
+    raw["schema_version"] = 99
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="schema version 99 is not supported"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_head_shapes_that_do_not_match_the_backbone(ckpt_dir):
+    path = ckpt_dir / "model.safetensors"
+    state = load_file(str(path))
+    state["heads.0.classifier.weight"] = torch.zeros(3, 64)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="does not match the backbone"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_layer_count_mismatch(ckpt_dir):
+    path = ckpt_dir / "exit_config.json"
+    raw = json.loads(path.read_text())
+    raw["num_layers"] = 12
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="12 layers but the backbone has 4"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_tokenizer_that_does_not_match(ckpt_dir):
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (ckpt_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_invalid_exit_config_values(ckpt_dir):
+    path = ckpt_dir / "exit_config.json"
+    raw = json.loads(path.read_text())
+    raw["default_threshold"] = 3.0
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"thresholds must lie in \[0, 1\]"):
+        load_checkpoint(ckpt_dir)
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(ckpt_dir)

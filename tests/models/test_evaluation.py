@@ -1,0 +1,69 @@
+"""Evaluation report, plots, calibration, and the CLI around them (tiny model, real SST-2 rows)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models.calibration import choose_threshold
+from models.checkpoint import ExitConfig, load_checkpoint, save_checkpoint
+from models.cli import main
+from tests.conftest import GLUE, TINY_LAYERS, make_exit_config, make_model
+
+DATA = str(GLUE / "SST-2")
+
+
+@pytest.fixture
+def ckpt(tmp_path, tokenizer):
+    return save_checkpoint(tmp_path / "ckpt", make_model(seed=5), tokenizer, make_exit_config())
+
+
+def test_evaluate_cli_writes_json_and_plots(ckpt, tmp_path, capsys):
+    out = tmp_path / "report" / "sst2.json"
+    assert main(["evaluate", str(ckpt), "--data", DATA, "--max-samples", "64", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metric"] == "accuracy" and report["samples"] == 64
+    assert [r["layer"] for r in report["per_layer"]] == list(range(1, TINY_LAYERS + 1))
+    assert report["final_layer_score"] == report["per_layer"][-1]["score"]
+    by_t = {r["threshold"]: r for r in report["sweep"]}
+    assert by_t[1.0]["mean_exit_layer"] == TINY_LAYERS and by_t[1.0]["layers_saved"] == 0.0
+    assert by_t[1.0]["score"] == report["final_layer_score"]
+    assert by_t[0.0]["mean_exit_layer"] == 1.0
+    assert by_t[0.0]["score"] == report["per_layer"][0]["score"]
+    assert {"threshold", "score", "mean_exit_layer", "layers_saved"} <= set(report["sweep"][0])
+    assert report["wall_clock"]["runs"][-1]["threshold"] == 1.0
+    for name in ("sst2_layers.png", "sst2_tradeoff.png"):
+        assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "layers_saved" in printed and "wall-clock" in printed
+
+
+def test_choose_threshold_is_the_lowest_that_stays_above_target():
+    rows = [
+        {"threshold": 0.5, "score": 0.80},
+        {"threshold": 0.6, "score": 0.90},  # a lucky dip above target, but 0.7 falls below
+        {"threshold": 0.7, "score": 0.85},
+        {"threshold": 0.8, "score": 0.895},
+        {"threshold": 0.9, "score": 0.91},
+        {"threshold": 1.0, "score": 0.90},
+    ]
+    assert choose_threshold(rows, final_score=0.90, min_relative_score=0.99)["threshold"] == 0.8
+    assert choose_threshold(rows, final_score=0.90, min_relative_score=1.0)["threshold"] == 0.9
+    assert choose_threshold(rows, final_score=2.0, min_relative_score=0.99)["threshold"] == 1.0
+
+
+def test_calibrate_cli_stores_the_threshold_in_the_checkpoint(ckpt, capsys):
+    assert main(["calibrate", str(ckpt), "--data", DATA, "--max-samples", "64", "--min-relative-score", "0.95"]) == 0
+    cfg = ExitConfig.read(ckpt)
+    cal = cfg.calibration
+    assert cfg.default_threshold == cal["threshold"]
+    assert cal["score"] >= 0.95 * cal["final_layer_score"]
+    assert 0.0 <= cal["layers_saved"] < 1.0 and cal["samples"] == 64
+    assert load_checkpoint(ckpt).exit_config.thresholds() == [cal["threshold"]] * TINY_LAYERS
+    assert json.loads(capsys.readouterr().out)["threshold"] == cal["threshold"]
+
+
+def test_cli_reports_a_broken_checkpoint_as_an_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope"), "--data", DATA]) == 2
+    assert "does not exist" in capsys.readouterr().err

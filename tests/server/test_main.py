@@ -1,0 +1,129 @@
+"""A real `exitserve serve` process: start, predict, metrics, SIGTERM under load, bad checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.main import DrainingServer
+from server.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(checkpoint, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "models.cli", "serve", str(checkpoint), "--port", str(port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")
+
+
+def test_real_process_serves_and_drains_on_sigterm_without_losing_requests(tiny_checkpoint):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = serve(tiny_checkpoint, port, "--set", "drain_timeout=20")
+    try:
+        wait_ready(base, proc)
+        r = httpx.post(f"{base}/predict", json={"text": "a fine film"}, timeout=10)
+        assert r.status_code == 200 and r.json()["exit_layer"] >= 1
+        assert "exitserve_predictions_total" in httpx.get(f"{base}/metrics").text
+
+        outcomes: list[str] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def load():
+            with httpx.Client(timeout=30, headers={"connection": "close"}) as c:
+                for _ in range(400):  # bounded
+                    if stop.is_set():
+                        return
+                    try:
+                        resp = c.post(f"{base}/predict", json={"text": ["good", "bad", "fine"], "threshold": 1.0})
+                        result = str(resp.status_code)
+                    except httpx.ConnectError:
+                        result = "refused"  # never accepted: the listener is closed
+                        stop.set()
+                    except httpx.TransportError as exc:
+                        result = f"lost:{type(exc).__name__}"
+                    with lock:
+                        outcomes.append(result)
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        rc = proc.wait(timeout=30)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown
+        assert rc in (0, -signal.SIGTERM)
+        log = proc.communicate()[1]
+        assert "Finished server process" in log and "Traceback" not in log
+        assert time.monotonic() - started < 25
+        assert outcomes.count("200") > 10
+        assert all(o in ("200", "refused") for o in outcomes), sorted(set(outcomes))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_draining_turns_ready_to_503(tiny_checkpoint):
+    app = create_app(Settings(checkpoint=tiny_checkpoint, warmup=False))
+    with TestClient(app) as client:
+        assert client.get("/ready").status_code == 200
+        server = DrainingServer(uvicorn.Config(app), app.state)
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.should_exit
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "draining"
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "schema"])
+def test_broken_checkpoint_stops_start_up_with_a_one_line_reason(tiny_checkpoint, tmp_path, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    if damage == "missing":
+        (broken / "model.safetensors").unlink()
+    elif damage == "truncated":
+        data = (broken / "model.safetensors").read_bytes()
+        (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        text = (broken / "exit_config.json").read_text().replace('"schema_version": 1', '"schema_version": 7')
+        (broken / "exit_config.json").write_text(text)
+    proc = serve(broken, free_port())
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("exitserve serve")]
+    assert len(lines) == 1 and "cannot start" in lines[0]

@@ -1,0 +1,179 @@
+"""The layer-level scheduler, driven directly from an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from models.criteria import ExitCriterion
+from models.early_exit import EarlyExitModel
+from models.encoding import encode
+from models.inference import predict
+from server.scheduler import DeadlineExceeded, LayerScheduler, QueueFull, Sample
+from tests.conftest import TINY_LAYERS, make_model
+
+
+class SlowModel(EarlyExitModel):
+    """Sleeps in every layer (so interleavings are observable) and can fail on demand."""
+
+    delay = 0.0
+    fail_length: int | None = None
+    log: list
+
+    def run_layer(self, index, hidden, attention_mask):
+        time.sleep(self.delay)
+        self.log.append((index, hidden.shape[0]))
+        if self.fail_length is not None and int(attention_mask.sum(1).max()) == self.fail_length:
+            raise RuntimeError("boom")
+        return super().run_layer(index, hidden, attention_mask)
+
+
+def slow_model(delay=0.0, fail_length=None) -> SlowModel:
+    base = make_model(seed=11)
+    model = SlowModel(base.encoder, 2, use_lte=False)
+    model.load_state_dict(base.state_dict())
+    model.delay, model.fail_length, model.log = delay, fail_length, []
+    return model.eval()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_samples(encoded, thresholds, deadline_s=30.0):
+    loop = asyncio.get_running_loop()
+    rows = thresholds if isinstance(thresholds, list) else [thresholds] * len(encoded)
+    return [
+        Sample(e, torch.tensor(t, dtype=torch.float32).expand(TINY_LAYERS).clone(), loop.create_future(), loop,
+               time.monotonic() + deadline_s)
+        for e, t in zip(encoded, rows, strict=True)
+    ]
+
+
+def scheduler_for(model, **kw) -> LayerScheduler:
+    sched = LayerScheduler(model, ExitCriterion("max-prob", TINY_LAYERS), 0, **kw)
+    sched.start()
+    return sched
+
+
+def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts):
+    model = slow_model()
+    crit = ExitCriterion("max-prob", TINY_LAYERS)
+    encoded = encode(tokenizer, sst2_texts[:60], max_length=64)
+    thresholds = [0.5 + 0.01 * (i % 10) for i in range(len(encoded))]  # per-request thresholds
+    alone = [predict(model, crit, [e], [t] * TINY_LAYERS, 0)[0] for e, t in zip(encoded, thresholds, strict=True)]
+
+    async def main():
+        sched = scheduler_for(model, max_batch_size=8)
+        samples = make_samples(encoded, thresholds)
+        # 12 "requests" of 5 inputs arriving concurrently
+        for i in range(0, len(samples), 5):
+            sched.submit(samples[i : i + 5])
+            await asyncio.sleep(0)
+        out = await asyncio.gather(*(s.future for s in samples))
+        sched.stop()
+        return out
+
+    served = run(main())
+    assert len({p.exit_layer for p in alone}) >= 2
+    assert [p.exit_layer for p in served] == [p.exit_layer for p in alone]
+    assert [p.label_id for p in served] == [p.label_id for p in alone]
+    assert max(b for _, b in model.log) > 1  # rows from different requests were batched
+
+
+def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer):
+    model = slow_model(delay=0.01)
+    encoded = encode(tokenizer, ["easy one", "hard one"], max_length=32)
+
+    async def main():
+        sched = scheduler_for(model)
+        easy, hard = make_samples(encoded, [0.0, 1.0])  # exits at layer 1 / runs all layers
+        sched.submit([hard, easy])
+        first = await asyncio.wait({easy.future, hard.future}, return_when=asyncio.FIRST_COMPLETED)
+        await hard.future
+        sched.stop()
+        return first[0], easy, hard
+
+    done_first, easy, hard = run(main())
+    assert done_first == {easy.future}
+    assert easy.future.result().exit_layer == 1 and hard.future.result().exit_layer == TINY_LAYERS
+    assert easy.finished < hard.finished
+
+
+def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer):
+    model = slow_model(delay=0.02)
+    encoded = encode(tokenizer, ["first arrival", "late arrival"], max_length=32)
+
+    async def main():
+        sched = scheduler_for(model)
+        deep, late = make_samples(encoded, [1.0, 1.0])
+        sched.submit([deep])
+        await asyncio.sleep(0.05)  # deep is a couple of layers in
+        sched.submit([late])
+        await asyncio.gather(deep.future, late.future)
+        sched.stop()
+        return deep, late
+
+    deep, late = run(main())
+    assert late.started < deep.finished  # late started layer 1 while deep was still running
+
+
+def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts):
+    model = slow_model()
+    encoded = encode(tokenizer, sst2_texts[:40], max_length=64)
+
+    async def main():
+        sched = scheduler_for(model, max_batch_size=16)
+        samples = make_samples(encoded, [0.5 + 0.01 * (i % 10) for i in range(len(encoded))])
+        sched.submit(samples)
+        out = await asyncio.gather(*(s.future for s in samples))
+        sched.stop()
+        return out
+
+    model.log.clear()
+    results = run(main())
+    assert sum(rows for _, rows in model.log) == sum(r.exit_layer for r in results)
+    assert len({r.exit_layer for r in results}) >= 2
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(tokenizer):
+    encoded = encode(tokenizer, ["this one breaks the model badly", "fine"], max_length=32)
+    model = slow_model(fail_length=len(encoded[0]))
+
+    async def main():
+        sched = scheduler_for(model)
+        bad, = make_samples(encoded[:1], 1.0)
+        sched.submit([bad])
+        with pytest.raises(RuntimeError, match="boom"):
+            await bad.future
+        good, = make_samples(encoded[1:], 1.0)
+        sched.submit([good])
+        result = await asyncio.wait_for(good.future, 5)
+        sched.stop()
+        return result
+
+    assert run(main()).exit_layer == TINY_LAYERS
+
+
+def test_queue_full_and_deadline(tokenizer):
+    model = slow_model(delay=0.05)
+    encoded = encode(tokenizer, ["a", "b", "c"], max_length=16)
+
+    async def main():
+        sched = scheduler_for(model, max_queue_size=2)
+        with pytest.raises(QueueFull):
+            sched.submit(make_samples(encoded, 1.0))  # 3 > 2: all or nothing
+        first = make_samples(encoded[:1], 1.0)
+        sched.submit(first)
+        await asyncio.sleep(0.01)  # the worker is busy with `first` for ~4 x 50 ms
+        expired = make_samples(encoded[1:2], 1.0, deadline_s=0.05)
+        sched.submit(expired)
+        with pytest.raises(DeadlineExceeded):
+            await expired[0].future
+        await first[0].future
+        sched.stop()
+
+    run(main())
