@@ -48,6 +48,7 @@ class ExitConfig:
     default_threshold: float | list[float]
     use_lte: bool
     max_length: int = 128
+    pooling: str = "mean"
     patience_delta: float = 0.1
     strategy: str = "alternating"
     text_column: str = "text"
@@ -178,7 +179,12 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         state = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{directory}/{WEIGHTS} is corrupt or truncated: {exc}") from exc
-    model = EarlyExitModel.from_config(backbone_config, exit_config.num_outputs, exit_config.use_lte)
+    try:
+        model = EarlyExitModel.from_config(
+            backbone_config, exit_config.num_outputs, exit_config.use_lte, exit_config.pooling
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {directory}: {exc}") from exc
     if model.num_layers != exit_config.num_layers:
         raise CheckpointError(
             f"exit config says {exit_config.num_layers} layers but the backbone has {model.num_layers}"

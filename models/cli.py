@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-samples", type=int, default=None, help="random training subset")
     p.add_argument("--max-eval-samples", type=int, default=None, help="dev subset for the stored scores")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                   help="what early exits read: mean of the tokens, or the first token (reference code); "
+                   "the final classifier always reads the first token (stock HF head)")
     p.add_argument("--lte", action=argparse.BooleanOptionalAction, default=None,
                    help="train the LTE module (default: on for regression)")
     p.add_argument("--criterion", choices=CRITERIA, default=None,
@@ -68,12 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--min-relative-score", type=float, default=0.99)
     p.add_argument("--max-samples", type=int, default=None)
+    p = sub.add_parser("export", help="export the final layer as a stock Hugging Face classifier")
+    p.add_argument("checkpoint")
+    p.add_argument("--output", "-o", required=True)
+
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded SST-2 model)")
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (env EXITSERVE_CHECKPOINT)")
     p.add_argument("--host", default=None, help="default 127.0.0.1 (env EXITSERVE_HOST)")
     p.add_argument("--port", type=int, default=None, help="default 8000 (env EXITSERVE_PORT)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any other setting, e.g. --set max_batch_size=16 (see server/settings.py)")
+    ray = p.add_argument_group("Ray Serve (--ray; docs/RAY.md)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas instead of one uvicorn process")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (e.g. auto, 10.0.0.5:6379); default: start a local one")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (the minimum with --max-replicas)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale between --replicas and this")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                     help="CPUs reserved per replica; also its torch threads unless torch_threads is set")
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --set device=cuda")
+    ray.add_argument("--max-ongoing-requests", type=int, default=16, help="requests a replica works on at once")
+    ray.add_argument("--max-queued-requests", type=int, default=64, help="requests each proxy queues; beyond: 429")
+    ray.add_argument("--metrics-port", type=int, default=None,
+                     help="replica k on a node also serves /metrics on this port + k")
     return parser
 
 
@@ -85,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         strategy="raw" if args.raw else args.strategy, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
-        lte=args.lte, criterion=args.criterion, fp16_weights=args.fp16_weights, columns=_columns(args),
+        pooling=args.pooling, lte=args.lte, criterion=args.criterion, fp16_weights=args.fp16_weights,
+        columns=_columns(args),
     )
     path = train(options)
     from models.checkpoint import ExitConfig
@@ -119,6 +140,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(cfg.calibration, indent=2))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from models.checkpoint import load_checkpoint
+    from models.export import export_hf
+
+    print(f"exported to {export_hf(load_checkpoint(args.checkpoint), args.output)}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.main import run
     from server.settings import Settings
@@ -127,10 +155,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, value in (("checkpoint", args.checkpoint), ("host", args.host), ("port", args.port)):
         if value is not None:
             overrides[name] = value
+    if args.ray:
+        from server import ray_serve
+
+        options = ray_serve.RayOptions(
+            num_replicas=args.replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus_per_replica,
+            num_gpus=args.num_gpus_per_replica, max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests, metrics_port=args.metrics_port,
+        )
+        return ray_serve.run(Settings(**overrides), options, args.ray_address)
     return run(Settings(**overrides))
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "serve": cmd_serve}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

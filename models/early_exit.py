@@ -6,8 +6,15 @@
                                           │               │                   │
                                  logits, LTE conf   logits, LTE conf     logits, LTE conf
 
-- `ExitHead` (one per layer): pooler (dense + tanh on the first token, initialised from the
-  backbone's pretrained pooler when it has one), dropout, linear -> C logits (1 for regression).
+- `ExitHead` (one per layer): pooling, pooler (dense + tanh, initialised from the backbone's
+  pretrained pooler when it has one), dropout, linear -> C logits (1 for regression).
+  The final classifier (exit L) pools the first token: exactly the stock Hugging Face
+  `*ForSequenceClassification` head, so a trained model exports to one (models/export.py).
+  Early exits 1..L-1 pool the masked mean of the real tokens by default (`pooling="cls"` gives the
+  BERxiT reference code's first-token pooling): on sentence-embedding backbones the first token is
+  useless early on -- in all-MiniLM-L6-v2 (trained with mean pooling) its state at layers 1-3 is
+  nearly the same for every input (std 0.001 across SST-2 sentences), and first-token exits 1-3
+  stayed at chance (0.509 dev accuracy) after a full SST-2 fine-tune.
 - `lte` (optional, shared by all layers): one linear layer + sigmoid over an exit's pooled state;
   it predicts how trustworthy that exit is (BERxiT's learned-to-exit module).
 
@@ -35,20 +42,31 @@ class AllExits:
     lte: torch.Tensor | None
 
 
+POOLINGS = ("mean", "cls")
+
+
 class ExitHead(nn.Module):
-    def __init__(self, hidden_size: int, num_outputs: int, dropout: float):
+    def __init__(self, hidden_size: int, num_outputs: int, dropout: float, pooling: str):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.pooler = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_outputs)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = torch.tanh(self.pooler(hidden[:, 0]))
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pooling == "cls":
+            summary = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            summary = (hidden * mask).sum(1) / mask.sum(1)
+        pooled = torch.tanh(self.pooler(summary))
         return self.classifier(self.dropout(pooled)), pooled
 
 
 class EarlyExitModel(nn.Module):
-    def __init__(self, encoder: nn.Module, num_outputs: int, use_lte: bool):
+    def __init__(self, encoder: nn.Module, num_outputs: int, use_lte: bool, pooling: str = "mean"):
         super().__init__()
         self.encoder = encoder
         self.stepper = LayerStepper(encoder)
@@ -57,15 +75,21 @@ class EarlyExitModel(nn.Module):
         dropout = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", 0.1))
         self.num_layers = self.stepper.num_layers
         self.num_outputs = num_outputs
-        self.heads = nn.ModuleList(ExitHead(hidden, num_outputs, dropout) for _ in range(self.num_layers))
+        self.pooling = pooling
+        self.heads = nn.ModuleList(
+            ExitHead(hidden, num_outputs, dropout, pooling if k < self.num_layers - 1 else "cls")
+            for k in range(self.num_layers)
+        )
         self.lte = nn.Linear(hidden, 1) if use_lte else None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_backbone(cls, backbone: str, num_outputs: int, use_lte: bool) -> EarlyExitModel:
+    def from_backbone(
+        cls, backbone: str, num_outputs: int, use_lte: bool, pooling: str = "mean"
+    ) -> EarlyExitModel:
         """A fresh model on pretrained weights; exit poolers copy the pretrained pooler if any."""
         encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
-        model = cls(encoder, num_outputs, use_lte)
+        model = cls(encoder, num_outputs, use_lte, pooling)
         pretrained = model.stepper.pretrained_pooler()
         if pretrained is not None:
             for head in model.heads:
@@ -73,9 +97,11 @@ class EarlyExitModel(nn.Module):
         return model
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, num_outputs: int, use_lte: bool) -> EarlyExitModel:
+    def from_config(
+        cls, config: PretrainedConfig, num_outputs: int, use_lte: bool, pooling: str = "mean"
+    ) -> EarlyExitModel:
         """An uninitialised model of the given shape (weights are loaded afterwards)."""
-        return cls(AutoModel.from_config(config), num_outputs, use_lte)
+        return cls(AutoModel.from_config(config), num_outputs, use_lte, pooling)
 
     @classmethod
     def backbone_config(cls, backbone: str) -> PretrainedConfig:
@@ -102,9 +128,11 @@ class EarlyExitModel(nn.Module):
         """Transformer layer `index` (0-based)."""
         return self.stepper.layer(index, hidden, attention_mask)
 
-    def exit_outputs(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def exit_outputs(
+        self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exit `index` (0-based) on layer index+1's output: logits `[B, C]` and LTE conf `[B]`."""
-        logits, pooled = self.heads[index](hidden)
+        logits, pooled = self.heads[index](hidden, attention_mask)
         lte = torch.sigmoid(self.lte(pooled)).squeeze(-1) if self.lte is not None else None
         return logits, lte
 
@@ -122,7 +150,8 @@ class EarlyExitModel(nn.Module):
         logits, lte = [], []
         for index in range(self.num_layers):
             hidden = self.run_layer(index, hidden, attention_mask)
-            layer_logits, layer_lte = self.exit_outputs(index, hidden.detach() if detach_backbone else hidden)
+            exit_input = hidden.detach() if detach_backbone else hidden
+            layer_logits, layer_lte = self.exit_outputs(index, exit_input, attention_mask)
             logits.append(layer_logits)
             lte.append(layer_lte)
         return AllExits(

@@ -69,23 +69,30 @@ def sweep(
 
 
 def wall_clock(
-    checkpoint: Checkpoint, criterion: ExitCriterion, samples: list, thresholds: Sequence[float], batch_size: int
+    checkpoint: Checkpoint,
+    criterion: ExitCriterion,
+    samples: list,
+    thresholds: Sequence[float],
+    batch_size: int,
 ) -> list[dict]:
-    """Seconds for the real engine to answer the whole split at each threshold (best of 2 runs)."""
+    """Seconds for the real engine to answer the whole split at each threshold (best of 2 runs),
+    with the mean exit layer of those runs."""
     model, cfg = checkpoint.model, checkpoint.exit_config
     pad = checkpoint.tokenizer.pad_token_id
     predict(model, criterion, samples[:batch_size], cfg.thresholds(1.0), pad, batch_size)  # warm-up
     rows = []
-    for threshold in tqdm(thresholds, desc="wall-clock", unit="threshold"):
+    for threshold in tqdm(thresholds, desc=f"wall-clock (batch {batch_size})", unit="threshold"):
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            predict(model, criterion, samples, cfg.thresholds(threshold), pad, batch_size)
+            results = predict(model, criterion, samples, cfg.thresholds(threshold), pad, batch_size)
             times.append(time.perf_counter() - start)
-        rows.append({"threshold": threshold, "seconds": min(times)})
+        mean_exit = sum(r.exit_layer for r in results) / len(results)
+        rows.append({"threshold": threshold, "seconds": min(times), "mean_exit_layer": mean_exit})
     full = next((r["seconds"] for r in rows if r["threshold"] >= 1.0), None)
     for row in rows:
         row["speedup_vs_full"] = full / row["seconds"] if full else None
+        row["ideal_speedup"] = cfg.num_layers / row["mean_exit_layer"]
     return rows
 
 
@@ -191,6 +198,8 @@ def format_report(report: dict) -> str:
             )
     runs = report["wall_clock"]["runs"]
     if runs:
-        lines += ["", f"wall-clock (batch {report['wall_clock']['batch_size']}): threshold  seconds  speed-up"]
-        lines += [f"  {r['threshold']:>9.3f}  {r['seconds']:7.3f}  {r['speedup_vs_full'] or 0:.2f}x" for r in runs]
+        lines += ["", f"wall-clock (batch {report['wall_clock']['batch_size']}): "
+                  "threshold  seconds  mean_exit  speed-up  ideal"]
+        lines += [f"  {r['threshold']:>9.3f}  {r['seconds']:7.3f}  {r['mean_exit_layer']:9.2f}  "
+                  f"{r['speedup_vs_full'] or 0:7.2f}x  {r['ideal_speedup']:.2f}x" for r in runs]
     return "\n".join(lines)

@@ -82,7 +82,7 @@ def predict_batch(
 
     for k in range(num_layers):
         hidden = model.run_layer(k, hidden, mask)
-        logits, lte = model.exit_outputs(k, hidden)
+        logits, lte = model.exit_outputs(k, hidden, mask)
         conf, memory = criterion.confidence(logits, lte, memory)
         leave = exits_now(conf, thresholds[active.to(device), k], k == num_layers - 1)
         if trace is not None:

@@ -46,6 +46,7 @@ class TrainOptions:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     seed: int = 42
+    pooling: str = "mean"
     lte: bool | None = None  # None: on for regression, off for classification
     criterion: str | None = None  # None: lte for regression, max-prob for classification
     default_threshold: float = 0.9
@@ -138,7 +139,7 @@ def train(options: TrainOptions) -> Path:
     criterion = options.criterion or ("lte" if spec.is_regression else "max-prob")
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
-    model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte)
+    model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
     samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
     args = TrainingArguments(
         output_dir=str(Path(options.output) / "trainer"),
@@ -173,6 +174,7 @@ def train(options: TrainOptions) -> Path:
         task=spec.name, task_type=spec.task_type, metric=spec.metric, label_names=list(spec.label_names),
         num_layers=model.num_layers, backbone=options.backbone, criterion=criterion,
         default_threshold=options.default_threshold, use_lte=use_lte, max_length=options.max_length,
+        pooling=options.pooling,
         strategy=options.strategy, text_column=spec.text_column, pair_column=spec.pair_column,
         training={
             **{k: v for k, v in asdict(options).items() if k not in ("columns", "output")},

@@ -13,6 +13,12 @@ from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.conftest import make_exit_config, make_model
 
 
+def edit_json(path, **changes) -> None:
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+
+
 @pytest.fixture
 def ckpt_dir(tmp_path, tokenizer):
     return save_checkpoint(tmp_path / "ckpt", make_model(), tokenizer, make_exit_config())
@@ -63,10 +69,7 @@ def test_pickle_file_in_place_of_weights_is_refused(ckpt_dir):
 
 
 def test_wrong_schema_version(ckpt_dir):
-    path = ckpt_dir / "exit_config.json"
-    raw = json.loads(path.read_text())
-    raw["schema_version"] = 99
-    path.write_text(json.dumps(raw))
+    edit_json(ckpt_dir / "exit_config.json", schema_version=99)
     with pytest.raises(CheckpointError, match="schema version 99 is not supported"):
         load_checkpoint(ckpt_dir)
 
@@ -81,29 +84,37 @@ def test_head_shapes_that_do_not_match_the_backbone(ckpt_dir):
 
 
 def test_layer_count_mismatch(ckpt_dir):
-    path = ckpt_dir / "exit_config.json"
-    raw = json.loads(path.read_text())
-    raw["num_layers"] = 12
-    path.write_text(json.dumps(raw))
+    edit_json(ckpt_dir / "exit_config.json", num_layers=12)
     with pytest.raises(CheckpointError, match="12 layers but the backbone has 4"):
         load_checkpoint(ckpt_dir)
 
 
 def test_tokenizer_that_does_not_match(ckpt_dir):
-    config = json.loads((ckpt_dir / "config.json").read_text())
-    config["vocab_size"] = 1000
-    (ckpt_dir / "config.json").write_text(json.dumps(config))
+    edit_json(ckpt_dir / "config.json", vocab_size=1000)
     with pytest.raises(CheckpointError, match="do not belong together"):
         load_checkpoint(ckpt_dir)
 
 
 def test_invalid_exit_config_values(ckpt_dir):
-    path = ckpt_dir / "exit_config.json"
-    raw = json.loads(path.read_text())
-    raw["default_threshold"] = 3.0
-    path.write_text(json.dumps(raw))
+    edit_json(ckpt_dir / "exit_config.json", default_threshold=3.0)
     with pytest.raises(CheckpointError, match=r"thresholds must lie in \[0, 1\]"):
         load_checkpoint(ckpt_dir)
-    path.write_text("{not json")
+    (ckpt_dir / "exit_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(ckpt_dir)
+
+
+def test_reference_cls_pooling_round_trips_and_unknown_pooling_is_refused(tmp_path, tokenizer):
+    from transformers import BertModel
+
+    from models.early_exit import EarlyExitModel
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = EarlyExitModel(BertModel(tiny_bert_config()), 2, use_lte=False, pooling="cls").eval()
+    path = save_checkpoint(tmp_path / "cls", model, tokenizer, make_exit_config(pooling="cls"))
+    loaded = load_checkpoint(path)
+    assert [h.pooling for h in loaded.model.heads] == ["cls"] * 4
+    edit_json(path / "exit_config.json", pooling="max")
+    with pytest.raises(CheckpointError, match="unknown pooling 'max'"):
+        load_checkpoint(path)

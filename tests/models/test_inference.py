@@ -30,6 +30,16 @@ def test_threshold_one_runs_every_layer_and_matches_the_full_forward(tokenizer, 
         assert r.confidence == pytest.approx(float(final[i].max()), abs=1e-5)
 
 
+def test_early_exits_pool_the_mean_and_the_final_classifier_the_first_token():
+    model = make_model()
+    assert [h.pooling for h in model.heads] == ["mean", "mean", "mean", "cls"]
+    hidden = torch.randn(2, 5, 64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    padded = hidden.clone()
+    padded[0, 3:] = 1e3  # padding content must not matter to a mean-pooled exit
+    assert torch.allclose(model.exit_outputs(0, hidden, mask)[0], model.exit_outputs(0, padded, mask)[0])
+
+
 def test_threshold_zero_exits_at_layer_one(tokenizer, samples):
     results = predict(make_model(), ExitCriterion("max-prob", TINY_LAYERS), samples, [0.0] * TINY_LAYERS,
                       tokenizer.pad_token_id)

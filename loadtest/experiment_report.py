@@ -1,0 +1,147 @@
+"""Tables and plots for the quality experiments, from the per-run JSONs of loadtest.experiments."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+STRATEGY_ORDER = ("raw", "two-stage", "joint", "alternating", "weighted", "self-distill")
+
+
+def _load(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    reports, timings = {}, {}
+    for path in sorted(out.glob("*.json")):
+        data = json.loads(path.read_text())
+        (timings if path.stem.endswith("-timing") else reports)[path.stem] = data
+    return reports, timings
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layerwise(reports: dict[str, dict], out: Path) -> list[str]:
+    """Experiment 1: every sample forced to exit at layer k, relative to Raw's final layer."""
+    groups: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    for r in reports.values():
+        if r["task"] != "STS-B":
+            groups[(r["task"], r["backbone"])][r["strategy"]] = r
+    lines = []
+    plt = _plt()
+    for (task, backbone), runs in sorted(groups.items()):
+        raw = runs.get("raw")
+        ref = raw["final_layer_score"] if raw else None
+        any_run = next(iter(runs.values()))
+        n_layers, metric = any_run["num_layers"], any_run["metric"]
+        lines += [f"#### {task}, {backbone} ({any_run['train_samples']} training samples, "
+                  f"{any_run['epochs']} epochs; {metric}" + (f", Raw = {ref:.4f})" if ref else ")"), "",
+                  "| strategy | " + " | ".join(f"L{k}" for k in range(1, n_layers + 1)) + " |",
+                  "|---|" + "---|" * n_layers]
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for strategy in [s for s in STRATEGY_ORDER if s in runs]:
+            scores = [row["score"] for row in runs[strategy]["per_layer"]]
+            shown = [s / ref for s in scores] if ref else scores
+            lines.append(f"| {strategy} | " + " | ".join(f"{v:.3f}" for v in shown) + " |")
+            ax.plot(range(1, n_layers + 1), shown, marker="o", label=strategy)
+        ax.set(xlabel="exit layer (all samples forced)", ylabel=f"{metric} relative to Raw" if ref else metric,
+               title=f"{task} — {backbone}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = out / f"exp1_{task.lower()}_{backbone}.png"
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        lines += ["", f"![{task} {backbone}]({png.name})", "", *findings(runs, n_layers), ""]
+    return lines
+
+
+def findings(runs: dict[str, dict], n_layers: int) -> list[str]:
+    """The seed's two findings, checked on these numbers."""
+    out = []
+
+    def mean(strategy: str, layers: range) -> float:
+        per = runs[strategy]["per_layer"]
+        return sum(per[k - 1]["score"] for k in layers) / len(layers)
+
+    early, late = range(1, n_layers // 2 + 1), range(n_layers - 1, n_layers + 1)
+    if {"two-stage", "alternating", "joint"} <= set(runs):
+        ts, alt, jt = (mean(s, early) for s in ("two-stage", "alternating", "joint"))
+        holds = ts < min(alt, jt)
+        out.append(f"- two-stage weak at early layers (mean of layers 1–{n_layers // 2}): two-stage {ts:.3f}, "
+                   f"alternating {alt:.3f}, joint {jt:.3f} → {'holds' if holds else 'does not hold'}")
+    if {"alternating", "joint"} <= set(runs):
+        alt, jt = mean("alternating", late), mean("joint", late)
+        out.append(f"- alternating ≥ joint at late layers (mean of layers {n_layers - 1}–{n_layers}): "
+                   f"alternating {alt:.3f}, joint {jt:.3f} → {'holds' if alt >= jt else 'does not hold'}")
+    return out
+
+
+def tradeoff(reports: dict[str, dict], timings: dict[str, dict]) -> list[str]:
+    """Experiment 2: Raw, alternating at several thresholds, and the distillation analogue."""
+    runs = {t["run"]: t for t in timings.values()}
+    raw12 = next((n for n in runs if "mpnet-base-raw" in n), None)
+    if raw12 is None:
+        return ["(experiment 2 not run yet)"]
+    ref_report = reports[raw12]
+    ref_score, ref_layers = ref_report["final_layer_score"], ref_report["num_layers"]
+    ref_seconds = runs[raw12]["runs"][-1]["seconds"]
+    lines = [f"Quality relative to Raw {ref_report['backbone']} ({ref_score:.4f} {ref_report['metric']}); layers "
+             f"saved relative to its {ref_layers} layers; speed-up relative to the same model with exits off "
+             f"(threshold 1.0) and, last column, to Raw {ref_report['backbone']}; batch 32, SST-2 dev, wall-clock.",
+             "", "| model | threshold | quality vs Raw | mean exit layer | layers saved vs Raw "
+             "| speed-up (exits on/off) | ideal | speed-up / ideal | speed-up vs Raw |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted(runs, key=lambda n: ("minilm" in n, "alternating" in n)):
+        report, timing = reports[name], runs[name]
+        sweep = {row["threshold"]: row for row in report["sweep"]}
+        for row in timing["runs"]:
+            t = row["threshold"]
+            quality = (sweep[t]["score"] if t in sweep else report["final_layer_score"]) / ref_score
+            label = f"{t}" + (" (calibrated 0.99)" if t == timing["calibrated_threshold"] and t < 1 else "")
+            lines.append(
+                f"| {report['strategy']} {report['backbone']} | {label} | {quality:.3f} | "
+                f"{row['mean_exit_layer']:.2f} | "
+                f"{1 - row['mean_exit_layer'] / ref_layers:.1%} | {row['speedup_vs_full']:.2f}× | "
+                f"{row['ideal_speedup']:.2f}× | {row['speedup_vs_full'] / row['ideal_speedup']:.0%} | "
+                f"{ref_seconds / row['seconds']:.2f}× |")
+    return lines
+
+
+def regression(reports: dict[str, dict], out: Path) -> list[str]:
+    """Experiment 3: STS-B, LTE vs patience, Spearman against mean exit layer."""
+    sts = {r["criterion"]: r for r in reports.values() if r["task"] == "STS-B"}
+    if not sts:
+        return ["(experiment 3 not run yet)"]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    lines = ["| criterion | threshold | Spearman | mean exit layer | layers saved |", "|---|---|---|---|---|"]
+    for criterion, r in sorted(sts.items()):
+        pts = sorted(r["sweep"], key=lambda row: row["mean_exit_layer"])
+        ax.plot([p["mean_exit_layer"] for p in pts], [p["score"] for p in pts], marker=".", label=criterion)
+        for p in r["sweep"]:
+            if p["threshold"] in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0):
+                lines.append(f"| {criterion} | {p['threshold']} | {p['score']:.4f} | {p['mean_exit_layer']:.2f} | "
+                             f"{p['layers_saved']:.1%} |")
+    ax.set(xlabel="mean exit layer", ylabel="Spearman", title="STS-B: LTE vs patience")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "exp3_stsb.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![STS-B](exp3_stsb.png)"]
+
+
+def write_report(out: Path) -> Path:
+    reports, timings = _load(out)
+    text = ["## Experiment 1 — layer-wise scores", "", *layerwise(reports, out),
+            "## Experiment 2 — quality / speed trade-off", "", *tradeoff(reports, timings), "",
+            "## Experiment 3 — regression (STS-B)", "", *regression(reports, out), ""]
+    path = out / "experiments.md"
+    path.write_text("\n".join(text))
+    return path

@@ -1,0 +1,141 @@
+"""The paper's quality experiments, reproduced: one resumable command per plan.
+
+    python -m loadtest.experiments run --plan exp1-minilm [--runs runs/experiments] [--out docs/results/experiments]
+    python -m loadtest.experiments report [--out docs/results/experiments]
+
+`run` trains every configuration of a plan that has no checkpoint yet (models.training, the HF
+Trainer), evaluates it on the dev split with one recorded pass (layer-wise scores + threshold
+sweep, plus wall-clock for the trade-off runs) and writes one JSON per run into --out, so a killed
+run resumes where it stopped and finished results can be committed as they come. `report`
+(loadtest/experiment_report.py) turns those JSONs into the markdown tables and PNG plots of
+docs/RESULTS.md.
+
+Plans (subset sizes fixed per table so every run of a table sees the same data):
+  exp1-minilm  layer-wise curves, minilm-l6: SST-2 (8000 train), MRPC, RTE (full train splits)
+               x {raw, two-stage, joint, alternating, weighted, self-distill}
+  exp1-mpnet   layer-wise curves, mpnet-base (12 layers): SST-2 (2000 train)
+               x {raw, two-stage, joint, alternating}
+  exp2         trade-off timing for the SST-2 raw/alternating runs of both backbones (needs exp1-*)
+  exp3         STS-B with LTE (alternating, full train) evaluated with the LTE and patience criteria
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from models.calibration import choose_threshold
+from models.checkpoint import load_checkpoint
+from models.encoding import encode
+from models.evaluation import evaluate, load_split_for, wall_clock
+from models.training import TrainOptions, train
+
+GLUE = "../shared/data/glue"
+ALL_STRATEGIES = ("raw", "two-stage", "joint", "alternating", "weighted", "self-distill")
+TRADEOFF_THRESHOLDS = (0.6, 0.8, 0.95)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str  # GLUE directory name
+    backbone: str
+    strategy: str
+    train_samples: int | None
+    epochs: int = 2
+    batch_size: int = 32
+
+    @property
+    def name(self) -> str:
+        size = f"n{self.train_samples}" if self.train_samples else "full"
+        return f"{self.task.lower()}-{self.backbone}-{self.strategy}-{size}"
+
+
+PLANS: dict[str, list[RunSpec]] = {
+    "exp1-minilm": [
+        RunSpec(task, "minilm-l6", s, n)
+        for task, n in (("SST-2", 8000), ("MRPC", None), ("RTE", None))
+        for s in ALL_STRATEGIES
+    ],
+    "exp1-mpnet": [RunSpec("SST-2", "mpnet-base", s, 2000) for s in ("raw", "two-stage", "joint", "alternating")],
+    "exp3": [RunSpec("STS-B", "minilm-l6", "alternating", None, epochs=4)],
+}
+TRADEOFF_RUNS = [RunSpec("SST-2", b, s, n) for b, n in (("minilm-l6", 8000), ("mpnet-base", 2000))
+                 for s in ("raw", "alternating")]
+
+
+def ensure_trained(spec: RunSpec, runs: Path, glue: str) -> Path:
+    path = runs / spec.name
+    if (path / "exit_config.json").exists():
+        return path
+    train(TrainOptions(
+        backbone=spec.backbone, data=f"{glue}/{spec.task}", output=str(path), strategy=spec.strategy,
+        epochs=spec.epochs, batch_size=spec.batch_size, max_train_samples=spec.train_samples,
+    ))
+    return path
+
+
+def quality(spec: RunSpec, runs: Path, out: Path, glue: str) -> None:
+    """Train (if needed) and write the layer-wise/sweep report(s) of one run."""
+    criteria = ("lte", "patience") if spec.task == "STS-B" else (None,)
+    for criterion in criteria:
+        target = out / f"{spec.name}{'-' + criterion if criterion else ''}.json"
+        if target.exists():
+            continue
+        ckpt = load_checkpoint(ensure_trained(spec, runs, glue))
+        report = evaluate(ckpt, f"{glue}/{spec.task}", "dev", criterion_name=criterion, timed_thresholds=())
+        report.update(run=spec.name, task=spec.task, backbone=spec.backbone, strategy=spec.strategy,
+                      train_samples=ckpt.exit_config.training["train_samples"], epochs=spec.epochs)
+        target.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def tradeoff(spec: RunSpec, runs: Path, out: Path, glue: str) -> None:
+    """Wall-clock at three thresholds, the calibrated (0.99) one, and 1.0, batch 32."""
+    target = out / f"{spec.name}-timing.json"
+    source = out / f"{spec.name}.json"
+    if target.exists() or not source.exists():
+        return
+    report = json.loads(source.read_text())
+    calibrated = choose_threshold(report["sweep"], report["final_layer_score"], 0.99)["threshold"]
+    thresholds = [*sorted({*TRADEOFF_THRESHOLDS, calibrated}), 1.0]
+    if spec.strategy == "raw":
+        thresholds = [1.0]
+    ckpt = load_checkpoint(runs / spec.name)
+    _, rows = load_split_for(ckpt, f"{glue}/{spec.task}", "dev")
+    samples = encode(ckpt.tokenizer, rows.texts, rows.pairs, ckpt.exit_config.max_length)
+    timing = wall_clock(ckpt, ckpt.exit_config.make_criterion(), samples, thresholds, batch_size=32)
+    target.write_text(json.dumps({"run": spec.name, "calibrated_threshold": calibrated, "batch_size": 32,
+                                  "samples": len(samples), "runs": timing}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtest.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("--plan", choices=[*PLANS, "exp2"], action="append", default=None)
+    p.add_argument("--runs", default="runs/experiments", help="checkpoints (large; not committed)")
+    p.add_argument("--out", default="docs/results/experiments", help="JSON reports, tables, plots")
+    p.add_argument("--glue", default=GLUE)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.command == "report":
+        from loadtest.experiment_report import write_report
+
+        print(write_report(out))
+        return
+    plans = args.plan or [*PLANS, "exp2"]
+    for plan in plans:
+        specs = TRADEOFF_RUNS if plan == "exp2" else PLANS[plan]
+        for spec in tqdm(specs, desc=plan, unit="run"):
+            if plan == "exp2":
+                tradeoff(spec, Path(args.runs), out, args.glue)
+            else:
+                quality(spec, Path(args.runs), out, args.glue)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""`python -m loadtest.reliability {overload,soak,shutdown} [options]`; see loadtest/reliability/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loadtest.reliability.scenarios import FIXTURE_TEXTS, Options, load_texts, overload, soak
+from loadtest.reliability.shutdown import shutdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.reliability", description=__doc__)
+    parser.add_argument("run", choices=["overload", "soak", "shutdown"])
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the embedded model)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting")
+    parser.add_argument("--out", type=Path, default=Path("runs/reliability"), help="where JSON/PNG/logs go")
+    parser.add_argument("--texts", type=Path, default=FIXTURE_TEXTS, help="TSV (first column) or one per line")
+    parser.add_argument("--rate", type=float, help="the sustained rate (req/s); measured first when absent")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients to measure the rate")
+    parser.add_argument("--measure-seconds", type=float, default=20)
+    parser.add_argument("--factor", type=float, default=4.0, help="overload: offered / sustained rate")
+    parser.add_argument("--seconds", type=float, nargs=3, default=[30, 60, 30], metavar=("BEFORE", "DURING", "AFTER"),
+                        help="overload: phase lengths")
+    parser.add_argument("--fraction", type=float, default=0.7, help="soak/shutdown: offered / sustained rate")
+    parser.add_argument("--minutes", type=float, default=10, help="soak: duration")
+    parser.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
+    args = parser.parse_args(argv)
+    opts = Options(args.checkpoint, args.set, args.out, load_texts(args.texts), args.rate, args.concurrency,
+                   args.measure_seconds, note=args.note)
+    if args.run == "overload":
+        overload(opts, args.factor, *args.seconds)
+    elif args.run == "soak":
+        soak(opts, args.fraction, args.minutes)
+    else:
+        shutdown(opts, args.fraction)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""A light HTTP/1.1 client on asyncio streams, and the open-loop driver that records every request.
+
+Light on purpose: the load generator shares the machine's cores with the server it measures, and a
+full-featured client costs several times more CPU per request. Latency is counted from a request's
+*scheduled* send time, so a generator that falls behind cannot hide a slow server (no coordinated
+omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Record:
+    phase: str
+    at: float  # scheduled send time, seconds since the run started
+    latency: float  # scheduled send -> whole response read, seconds
+    status: int  # HTTP status; 0 = transport error
+    error: str = ""  # the error type from the body, or the transport exception's name
+    correct: bool | None = None  # 200s: same prediction and exit layer as the reference answer
+    late: float = 0.0  # how far behind schedule the generator sent it, seconds (it must stay near 0)
+
+
+@dataclass
+class Phase:
+    name: str
+    rate: float  # offered requests per second (Poisson arrivals)
+    seconds: float
+
+
+class Client:
+    """At most `max_connections` requests in flight; keep-alive connections are reused unless
+    `keep_alive` is off (then every request opens its own connection and says `connection: close`)."""
+
+    IDLE_LIMIT = 3.0  # seconds; below uvicorn's keep-alive timeout (5 s), so the server never closes one first
+
+    def __init__(self, host: str, port: int, max_connections: int = 1024, keep_alive: bool = True):
+        self.host, self.port, self.keep_alive = host, port, keep_alive
+        self.slots = asyncio.Semaphore(max_connections)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.in_flight = self.peak_in_flight = 0
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if time.monotonic() - since < self.IDLE_LIMIT and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        async with self.slots:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                return await self._exchange(method, path, body)
+            finally:
+                self.in_flight -= 1
+
+    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        reader, writer = await self._connection()
+        close = "" if self.keep_alive else "connection: close\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n{close}\r\n")
+        try:
+            writer.write(head.encode() + body)
+            response = await reader.readuntil(b"\r\n\r\n")
+            headers = response.decode("latin-1").lower().split("\r\n")
+            lengths = [int(h.split(":", 1)[1]) for h in headers if h.startswith("content-length:")]
+            if not lengths:
+                raise ValueError("a response without content-length")
+            payload = await reader.readexactly(lengths[0])
+        except BaseException:
+            writer.close()
+            raise
+        if self.keep_alive and "connection: close" not in headers:
+            self._idle.append((reader, writer, time.monotonic()))
+        else:
+            writer.close()
+        return int(headers[0].split()[1]), payload
+
+    def close(self) -> None:
+        for _, writer, _ in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+def predict_body(text: str) -> bytes:
+    return json.dumps({"text": text}).encode()
+
+
+async def references(client: Client, texts: list[str]) -> dict[str, tuple[str, int]]:
+    """Each text's (prediction, exit layer) asked alone, one at a time: the answers under load must match."""
+    refs = {}
+    for text in texts:
+        status, body = await client.request("POST", "/predict", predict_body(text))
+        if status != 200:
+            raise RuntimeError(f"reference request failed with {status}: {body[:200]!r}")
+        answer = json.loads(body)
+        refs[text] = (answer["prediction"], answer["exit_layer"])
+    return refs
+
+
+async def timed(client: Client, phase: str, at: float, start: float, text: str,
+                refs: dict[str, tuple[str, int]]) -> Record:
+    """One /predict scheduled `at` seconds after `start` (time.monotonic())."""
+    late = time.monotonic() - start - at
+    try:
+        status, body = await client.request("POST", "/predict", predict_body(text))
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        return Record(phase, at, time.monotonic() - start - at, 0, type(exc).__name__, late=late)
+    latency = time.monotonic() - start - at
+    answer = json.loads(body)
+    if status == 200:
+        correct = (answer["prediction"], answer["exit_layer"]) == refs[text]
+        return Record(phase, at, latency, status, correct=correct, late=late)
+    return Record(phase, at, latency, status, answer.get("error", {}).get("type", "?"), late=late)
+
+
+async def drive(client: Client, phases: list[Phase], texts: list[str], refs: dict[str, tuple[str, int]],
+                seed: int = 0, on_done: Callable[[Record], None] | None = None) -> list[Record]:
+    """Open loop: Poisson arrivals at each phase's rate, whatever the server's answers."""
+    rng = random.Random(seed)
+    start = time.monotonic()
+    tasks: list[asyncio.Task] = []
+    offset = 0.0
+    for phase in phases:
+        t = rng.expovariate(phase.rate)
+        while t < phase.seconds:
+            delay = start + offset + t - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(timed(client, phase.name, offset + t, start, rng.choice(texts), refs))
+            if on_done is not None:
+                task.add_done_callback(lambda done: on_done(done.result()))
+            tasks.append(task)
+            t += rng.expovariate(phase.rate)
+        offset += phase.seconds
+    return list(await asyncio.gather(*tasks))
+
+
+async def sustained_rate(client: Client, texts: list[str], concurrency: int, seconds: float) -> float:
+    """Closed loop: `concurrency` clients back to back for `seconds`; answered (200) requests per second."""
+    end = time.monotonic() + seconds
+    answered = 0
+    rng = random.Random(1)
+
+    async def worker() -> None:
+        nonlocal answered
+        while time.monotonic() < end:
+            status, _ = await client.request("POST", "/predict", predict_body(rng.choice(texts)))
+            answered += status == 200
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return answered / (time.monotonic() - started)

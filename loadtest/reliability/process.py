@@ -1,0 +1,89 @@
+"""The server under test: an `exitserve serve` process on 127.0.0.1 whose resident memory is sampled."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+HOST = "127.0.0.1"  # loopback only, always
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`with ServerProcess(...) as server:` starts the server, waits for /ready and samples its RSS
+    every `every` seconds into `server.memory` ([(seconds since start, bytes)]) until the block ends."""
+
+    def __init__(self, checkpoint: Path | None, settings: list[str], log: Path, every: float = 0.5):
+        self.port = free_port()
+        self.base = f"http://{HOST}:{self.port}"
+        ckpt = [str(checkpoint)] if checkpoint else []
+        sets = [arg for item in settings for arg in ("--set", item)]
+        self.command = [sys.executable, "-m", "models.cli", "serve", *ckpt, "--host", HOST,
+                        "--port", str(self.port), *sets]
+        self.log_path, self.every = log, every
+        self.memory: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self.started = 0.0
+
+    def __enter__(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
+        self._wait_ready()
+        self.started = time.monotonic()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.base} never became ready; see {self.log_path}")
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.memory.append((time.monotonic() - self.started, self.rss()))
+            except psutil.NoSuchProcess:
+                return
+
+    def terminate(self) -> float:
+        """Send SIGTERM; returns when it was sent (time.monotonic())."""
+        self.proc.send_signal(signal.SIGTERM)
+        return time.monotonic()
