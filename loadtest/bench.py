@@ -8,8 +8,11 @@ library: wall-clock of the layer-by-layer engine on the dev split at batch 1 and
   calibrated threshold) vs off (threshold 1.0), and that speed-up over the ideal L / mean exit layer.
 server: a closed-loop concurrency sweep against (a) exitserve with exits on, (b) the same exitserve
   with exits off (threshold 1.0 per request), (c) the peer: the same fine-tuned model exported as a
-  stock HF classifier behind FastAPI + a transformers pipeline. Servers run one at a time, each
-  started fresh; the load generator shares the 2 cores with the server (see loadtest/loadgen.py).
+  stock HF classifier behind FastAPI + a transformers pipeline, and (d) with --infinity PATH,
+  infinity-emb's /classify on that exported model (install it in its own virtualenv:
+  `python -m venv /tmp/inf && /tmp/inf/bin/pip install torch==2.13.0 'infinity-emb[server,torch]'`,
+  then `--infinity /tmp/inf/bin/infinity_emb`). Servers run one at a time, each started fresh; the
+  load generator shares the 2 cores with the server (see loadtest/loadgen.py).
 Writes `<out>/<name>.json`, `<out>/<name>.md` and PNG plots.
 """
 
@@ -29,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loadtest.loadgen import run_load
-from loadtest.servers import exitserve_command, free_port, peer_command, running
+from loadtest.servers import exitserve_command, free_port, infinity_command, peer_command, running
 from models.checkpoint import load_checkpoint
 from models.data import load_examples
 from models.encoding import encode
@@ -76,7 +79,10 @@ def library(checkpoint_dir: str, data: str, max_samples: int | None, threads: in
             "model_p50_ms_batch1": statistics.median(per_sample)}
 
 
-def server(checkpoint_dir: str, data: str, concurrencies: list[int], duration: float, threads: int | None) -> dict:
+def server(
+    checkpoint_dir: str, data: str, concurrencies: list[int], duration: float, threads: int | None,
+    infinity: str | None = None,
+) -> dict:
     texts = sentences(data, None)
 
     def body(threshold: float | None):
@@ -87,6 +93,9 @@ def server(checkpoint_dir: str, data: str, concurrencies: list[int], duration: f
             return payload
         return make
 
+    def infinity_body(i: int) -> dict:
+        return {"input": [texts[i % len(texts)]], "model": "exported"}
+
     def exit_layer(resp: dict) -> int | None:
         return resp.get("exit_layer")
 
@@ -95,17 +104,23 @@ def server(checkpoint_dir: str, data: str, concurrencies: list[int], duration: f
         export_hf(load_checkpoint(checkpoint_dir), Path(tmp) / "hf")
         port = free_port()
         settings = [f"torch_threads={threads}"] if threads else []
+        # (name, command, env, route, readiness route, body)
         targets = [
-            ("exitserve exits on", exitserve_command(checkpoint_dir, port, *settings), {}, body(None)),
-            ("exitserve exits off", exitserve_command(checkpoint_dir, port, *settings), {}, body(1.0)),
-            ("transformers pipeline peer", *peer_command(Path(tmp) / "hf", port), body(None)),
+            ("exitserve exits on", exitserve_command(checkpoint_dir, port, *settings), {}, "/predict", "/ready",
+             body(None)),
+            ("exitserve exits off", exitserve_command(checkpoint_dir, port, *settings), {}, "/predict", "/ready",
+             body(1.0)),
+            ("transformers pipeline peer", *peer_command(Path(tmp) / "hf", port), "/predict", "/ready", body(None)),
         ]
+        if infinity:
+            targets.append(("infinity-emb", infinity_command(infinity, Path(tmp) / "hf", port), {}, "/classify",
+                            "/health", infinity_body))
         bar = tqdm(total=len(targets) * len(concurrencies), desc="server sweep", unit="point")
-        for name, cmd, env, make_body in targets:
-            with running(cmd, port, env, threads) as base:
+        for name, cmd, env, route, ready_path, make_body in targets:
+            with running(cmd, port, env, threads, ready_path) as base:
                 results[name] = []
                 for c in concurrencies:
-                    load = asyncio.run(run_load(f"{base}/predict", make_body, c, duration, exit_layer_of=exit_layer))
+                    load = asyncio.run(run_load(f"{base}{route}", make_body, c, duration, exit_layer_of=exit_layer))
                     results[name].append(load.summary())
                     bar.update()
         bar.close()
@@ -172,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--threads", type=int, default=None, help="torch threads (library run and servers)")
     p.add_argument("--max-samples", type=int, default=None, help="library: dev subset")
+    p.add_argument("--infinity", default=None, help="path of an infinity_emb executable: add it as a peer")
     p.add_argument("--out", default="docs/results/bench")
     p.add_argument("--name", default=None, help="file stem (default: the subcommand)")
     args = p.parse_args(argv)
@@ -180,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         report["library"] = library(args.checkpoint, args.data, args.max_samples, args.threads)
     if args.what in ("server", "all"):
         concurrencies = [int(c) for c in args.concurrency.split(",")]
-        report["server"] = server(args.checkpoint, args.data, concurrencies, args.duration, args.threads)
+        report["server"] = server(args.checkpoint, args.data, concurrencies, args.duration, args.threads,
+                                  args.infinity)
     if "library" in report and "server" in report:
         exits_on_c1 = report["server"]["servers"]["exitserve exits on"][0]
         report["overhead_ms_c1"] = exits_on_c1["p50_ms"] - report["library"]["model_p50_ms_batch1"]

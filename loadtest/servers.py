@@ -31,13 +31,19 @@ def peer_command(model_dir: str | Path, port: int) -> tuple[list[str], dict]:
     return cmd, {"PEER_MODEL": str(model_dir)}
 
 
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def infinity_command(infinity_bin: str | Path, model_dir: str | Path, port: int) -> list[str]:
+    """infinity-emb (its own virtualenv: its pins differ from ours) serving an exported HF classifier."""
+    return [str(infinity_bin), "v2", "--model-id", str(model_dir), "--served-model-name", "exported",
+            "--port", str(port), "--engine", "torch", "--device", "cpu", "--no-bettertransformer"]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120, ready_path: str = "/ready") -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
         try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{base}{ready_path}", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -46,7 +52,9 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @contextmanager
-def running(cmd: list[str], port: int, env: dict | None = None, threads: int | None = None):
+def running(
+    cmd: list[str], port: int, env: dict | None = None, threads: int | None = None, ready_path: str = "/ready"
+):
     """Run a server process until the block ends; yields its base URL once /ready answers 200."""
     full_env = {**os.environ, **(env or {})}
     if threads:
@@ -54,7 +62,7 @@ def running(cmd: list[str], port: int, env: dict | None = None, threads: int | N
     proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc)
+        wait_ready(base, proc, ready_path=ready_path)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)

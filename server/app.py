@@ -1,19 +1,25 @@
 """The FastAPI app: `create_app` (the factory) and the routes.
 
 Routes read the `PredictionService` from `request.app.state.service`; all model work happens in the
-service and its scheduler. Request flow: BodyLimit/RequestMetrics middleware -> `predict` route
-(validation, auth) -> `PredictionService.predict` -> `LayerScheduler` -> response with timing headers.
+service and its scheduler. Request flow: `GuardMiddleware` (429 at once while the queue is full,
+body limit, request metrics) -> `predict` route (auth, content type, validation) ->
+`PredictionService.predict`, raced against the client disconnecting (then the request's samples are
+cancelled and never computed) -> `LayerScheduler` -> response with timing headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import secrets
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.encoding import InputTooLong
 from server.errors import APIError, error_response, install_error_handlers
@@ -30,8 +36,9 @@ from server.schemas import (
 from server.service import Outcome, PredictionService
 from server.settings import Settings
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 500, 503)}
 router = APIRouter()
+T = TypeVar("T")
 
 
 def version() -> str:
@@ -45,7 +52,7 @@ def service_of(request: Request) -> PredictionService:
     return request.app.state.service
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
     expected = request.app.state.settings.api_key
     if not expected:
         return
@@ -54,6 +61,37 @@ def require_api_key(request: Request) -> None:
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
         raise APIError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)",
                        {"WWW-Authenticate": "Bearer"})
+
+
+async def require_json(request: Request) -> None:
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise APIError(415, "unsupported_media_type",
+                       f"send the body as application/json (got {media or 'no content type'})")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is already read, so the next ASGI message is the disconnect (Starlette's own pattern).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (its queued samples are then skipped
+    by the scheduler and never computed) and raise ClientGone."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # a no-op once it is done
+    if task in done:
+        return task.result()
+    raise ClientGone
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -80,6 +118,11 @@ def validate(req: PredictRequest, service: PredictionService) -> tuple[list[str]
             where = field if isinstance(req.text, str) else f"{field}[{i}]"
             if not value.strip():
                 raise APIError(422, "validation_error", f"{where}: empty text")
+            if not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" in the JSON
+                    raise APIError(422, "validation_error", f"{where}: not valid Unicode ({exc.reason})") from exc
             if len(value) > settings.max_chars:
                 raise APIError(422, "validation_error",
                                f"{where}: {len(value)} characters; at most {settings.max_chars}")
@@ -103,14 +146,19 @@ def _result(service: PredictionService, outcome: Outcome, i: int) -> PredictResu
 
 
 @router.post("/predict", response_model=PredictResult | PredictBatchResponse, responses=ERRORS,
-             dependencies=[Depends(require_api_key)], response_model_exclude_none=True)
+             dependencies=[Depends(require_api_key), Depends(require_json)], response_model_exclude_none=True)
 async def predict(req: PredictRequest, request: Request, response: Response):
     service = service_of(request)
     if not service.ready:
         raise APIError(503, "not_ready", "the model is not ready", {"Retry-After": "1"})
     texts, pairs = validate(req, service)
     try:
-        outcome = await service.predict(texts, pairs, req.threshold, req.return_trace)
+        outcome = await unless_client_leaves(
+            request, service.predict(texts, pairs, req.threshold, req.return_trace)
+        )
+    except ClientGone as exc:  # nobody reads this answer; 499 is nginx's "client closed request"
+        service.metrics.failures.labels("disconnected").inc()
+        raise APIError(499, "client_closed_request", "the client disconnected") from exc
     except InputTooLong as exc:
         raise APIError(422, "input_too_long", str(exc)) from exc
     except QueueFull as exc:
@@ -163,12 +211,18 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body over the limit. An HTTPException, so FastAPI's body parsing passes
+    it on (it turns any other exception into a 400) and the handler answers 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 class GuardMiddleware:
-    """Pure ASGI: refuses bodies over the limit (413) and counts requests by route and status."""
+    """Pure ASGI: refuses /predict with 429 while the queue has no room for even one input, before
+    anything is parsed (so refusing stays cheap under overload); refuses bodies over the limit (413);
+    counts requests by route and status."""
 
     def __init__(self, app, max_body_bytes: int, state):
         self.app, self.max_body_bytes, self.state = app, max_body_bytes, state
@@ -191,21 +245,25 @@ class GuardMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_body_bytes)
             return message
 
-        too_large = f"request body over {self.max_body_bytes} bytes"
+        service = getattr(self.state, "service", None)
         try:
+            if route == "/predict" and service is not None and service.ready and service.room <= 0:
+                service.metrics.failures.labels("overloaded").inc()
+                full = f"queue full ({service.settings.max_queue_size} inputs waiting)"
+                await error_response(429, "overloaded", full, {"Retry-After": "1"})(scope, receive, send_wrapper)
+                return
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                await error_response(413, "payload_too_large", too_large)(scope, receive, send_wrapper)
-            else:
-                await self.app(scope, limited_receive, send_wrapper)
-        except BodyTooLarge:
+                raise BodyTooLarge(self.max_body_bytes)
+            await self.app(scope, limited_receive, send_wrapper)
+        except BodyTooLarge as exc:
             if not status["sent"]:
-                await error_response(413, "payload_too_large", too_large)(scope, receive, send_wrapper)
+                await error_response(413, "payload_too_large", exc.detail)(scope, receive, send_wrapper)
         finally:
-            service = getattr(self.state, "service", None)
+            service = getattr(self.state, "service", None)  # the lifespan may have loaded it meanwhile
             if service is not None:
                 known = route if route in ("/predict", "/health", "/ready", "/info", "/metrics") else "other"
                 service.metrics.requests.labels(known, str(status["code"])).inc()
@@ -221,6 +279,7 @@ def create_app(settings: Settings, service: PredictionService | None = None) -> 
     async def lifespan(app: FastAPI):
         if app.state.service is None:
             app.state.service = PredictionService.load(settings)
+        app.state.draining = False
         await app.state.service.start()
         yield
         app.state.draining = True

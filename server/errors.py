@@ -21,12 +21,29 @@ def error_response(status: int, type_: str, message: str, headers: dict[str, str
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        if err.get("type") == "json_invalid":
+            pos = err["loc"][-1]
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')} at byte {pos}"
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg')}")
     return "; ".join(parts) or "invalid request"
 
 
-HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+HTTP_TYPES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+              415: "unsupported_media_type"}
+
+
+def _http_message(exc: StarletteHTTPException) -> str:
+    """FastAPI answers a body it cannot decode with a bare 400; say why (the cause it chained)."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return str(exc.detail)
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply"
+    reason = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+    return f"the body cannot be decoded as JSON: {reason}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -40,7 +57,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail))
+        return error_response(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), _http_message(exc),
+                              exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

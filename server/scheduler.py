@@ -1,18 +1,25 @@
 """The layer-level continuous-batching scheduler: turns skipped layers into throughput.
 
 Pipeline: the HTTP handler tokenises (off the event loop) and `submit`s one `Sample` per input to a
-bounded admission queue; a single worker thread runs the model one layer at a time; each sample's
-future is resolved on the event loop the moment it exits.
+bounded FIFO admission queue (full: QueueFull, 429); a single worker thread runs the model one layer
+at a time; each sample's future is resolved on the event loop the moment it exits.
 
 Every sample in flight waits at a *layer boundary* (its next layer k, 0 = not started). Samples at
 the same boundary form a group, whatever request they came from. One scheduler step:
 
-  1. admits queued samples into group 0 (dropping any whose deadline has passed: 503);
+  1. drops samples whose future was cancelled (the client went away), queued or in flight; answers
+     queued samples whose deadline has passed (DeadlineExceeded, 503); and admits queued samples,
+     oldest first, into group 0 while it holds fewer than two batches (`admit_window`). Admission is
+     bounded so the queue, not group 0, holds the backlog under overload: the queue is what the 429
+     and deadline checks see, and what keeps in-flight work (and memory) bounded;
   2. picks ONE group to advance -- the one holding the sample that has waited longest since it
-     last advanced (least-recently-advanced first). This is starvation-free: a newly arrived
-     sample starts layer 1 after at most one step per occupied group (<= L + 1 steps), instead
-     of waiting for the deepest in-flight sample to finish; and because survivors of layer k join
-     the samples already waiting at k + 1, groups coalesce into larger batches under load;
+     last advanced: least-recently-advanced first (an admitted sample counts from its arrival if
+     it arrived during the latest step, else from its admission: time spent in the queue does not
+     count, so a backlog cannot starve the samples already in flight). This is starvation-free: an
+     admitted sample starts layer 1 after at most one step per occupied group (<= L + 1 steps),
+     instead of waiting for the deepest in-flight sample to finish; and because survivors of
+     layer k join the samples already waiting at k + 1, groups coalesce into larger batches under
+     load;
   3. cuts a batch from that group, length-aware: rows sorted by length, a contiguous window
      around the longest-waiting row, at most `max_batch_size` rows and `max_batch_tokens` padded
      tokens;
@@ -106,6 +113,7 @@ class LayerScheduler:
         self.model, self.criterion, self.pad_id = model, criterion, pad_id
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_queue_size = max_queue_size
+        self.admit_window = 2 * max_batch_size  # group 0 candidates: room for length-aware batching
         self.on_step = on_step
         self.device = next(model.parameters()).device
         self.num_layers = model.num_layers
@@ -114,9 +122,14 @@ class LayerScheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._step_started = 0.0  # time.monotonic() when the latest step began
 
     # ---- the event-loop side --------------------------------------------------------------------
     def start(self) -> None:
+        """Start the worker (again, after `stop`: test harnesses run an app's lifespan more than once)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the scheduler is already running")
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="exitserve-scheduler", daemon=True)
         self._thread.start()
 
@@ -135,13 +148,26 @@ class LayerScheduler:
     def in_flight(self) -> int:
         return sum(len(g) for g in self._groups)
 
+    @property
+    def room(self) -> int:
+        """Samples the queue can still take."""
+        return self.max_queue_size - len(self._queue)
+
+    def check_room(self, count: int, reserved: int = 0) -> None:
+        """Raise SchedulerStopped, or QueueFull if `count` more samples (besides `reserved` ones
+        promised elsewhere) would not fit now."""
+        if self._stopping:
+            raise SchedulerStopped("the server is shutting down")
+        if count + reserved > self.room:
+            raise QueueFull(f"queue full ({self.max_queue_size} inputs waiting)")
+
     def submit(self, samples: list[Sample]) -> None:
         """Queue all of a request's samples, or none (QueueFull)."""
         with self._cv:
-            if self._stopping:
-                raise SchedulerStopped("the server is shutting down")
-            if len(self._queue) + len(samples) > self.max_queue_size:
-                raise QueueFull(f"queue full ({self.max_queue_size} inputs waiting)")
+            self.check_room(len(samples))
+            now = time.monotonic()
+            for sample in samples:
+                sample.submitted = now
             self._queue.extend(samples)
             self._cv.notify()
 
@@ -161,6 +187,7 @@ class LayerScheduler:
             batch = self._cut_batch(self._groups[group])
             for sample in batch:
                 self._groups[group].remove(sample)
+            self._step_started = time.monotonic()
             try:
                 self._step(group, batch)
             except Exception as exc:  # fail this batch only; keep serving
@@ -169,13 +196,22 @@ class LayerScheduler:
 
     def _admit(self) -> None:
         now = time.monotonic()
-        while self._queue:
+        if any(s.future.cancelled() or now > s.deadline for s in self._queue):
+            kept: deque[Sample] = deque()
+            for sample in self._queue:
+                if sample.future.cancelled():
+                    continue  # the client went away while queued: nothing to compute
+                if now > sample.deadline:
+                    sample.resolve(DeadlineExceeded("request deadline passed while queued"))
+                    continue
+                kept.append(sample)
+            self._queue = kept
+        for group in self._groups:
+            if any(s.future.cancelled() for s in group):
+                group[:] = [s for s in group if not s.future.cancelled()]
+        while self._queue and len(self._groups[0]) < self.admit_window:
             sample = self._queue.popleft()
-            if sample.future.cancelled():
-                continue  # the client went away while queued: nothing to compute
-            if now > sample.deadline:
-                sample.resolve(DeadlineExceeded("request deadline passed while queued"))
-                continue
+            sample.waiting_since = sample.submitted if sample.submitted >= self._step_started else now
             self._groups[0].append(sample)
 
     def _pick_group(self) -> int | None:
@@ -222,7 +258,7 @@ class LayerScheduler:
             memory = torch.stack([s.memory for s in batch]) if batch[0].memory is not None else None
 
         hidden = self.model.run_layer(layer, hidden, mask)
-        logits, lte = self.model.exit_outputs(layer, hidden)
+        logits, lte = self.model.exit_outputs(layer, hidden, mask)
         conf, memory = self.criterion.confidence(logits, lte, memory)
         thresholds = torch.stack([s.thresholds[layer] for s in batch]).to(self.device)
         leave = exits_now(conf, thresholds, layer == self.num_layers - 1).cpu().tolist()

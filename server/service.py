@@ -1,8 +1,12 @@
 """The prediction service: checkpoint + tokenizer + scheduler + metrics, with no HTTP in it.
 
-A request goes: `predict` -> tokenise in a worker thread -> one `Sample` per input submitted to
-the `LayerScheduler` -> await every sample's future (each resolves the moment its input exits)
--> results in input order plus per-stage timings.
+A request goes: `predict` -> admission (QueueFull unless the queue has room for its inputs, counting
+the inputs still being tokenised, so nothing waits unbounded in front of the queue) -> tokenise in a
+worker thread -> one `Sample` per input submitted to the `LayerScheduler` -> await every sample's
+future (each resolves the moment its input exits) -> results in input order plus per-stage timings.
+The request's deadline runs from its arrival.
+If the request fails or is cancelled (its client went away) while waiting, its other samples are
+cancelled, and the scheduler drops them at the next layer boundary instead of computing them.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class PredictionService:
             max_queue_size=settings.max_queue_size, on_step=self._on_step,
         )
         self.metrics.queue_size.labels(self.name).set_function(lambda: self.scheduler.queue_size)
+        self.tokenizing = 0  # inputs admitted but not yet queued (only touched on the event loop)
         self.ready = False
 
     @classmethod
@@ -60,6 +65,11 @@ class PredictionService:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         return cls(load_checkpoint(settings.checkpoint, settings.device), settings)
+
+    @property
+    def room(self) -> int:
+        """Inputs that can still be admitted: the queue's room less the inputs being tokenised."""
+        return self.scheduler.room - self.tokenizing
 
     @property
     def pair_input(self) -> bool:
@@ -73,8 +83,9 @@ class PredictionService:
     async def start(self) -> None:
         self.scheduler.start()
         if self.settings.warmup:
-            for size in (1, 2):
-                await self.predict(WARMUP_TEXTS[:size] * (1 if size == 1 else 4), None, None, False)
+            batch = (WARMUP_TEXTS * 4)[: min(8, self.settings.max_queue_size)]  # never more than the queue holds
+            for texts in (batch[:1], batch):
+                await self.predict(texts, None, None, False)
         self.ready = True
 
     def stop(self) -> None:
@@ -85,21 +96,31 @@ class PredictionService:
         self, texts: list[str], pairs: list[str] | None, threshold: float | None, trace: bool
     ) -> Outcome:
         start = time.monotonic()
+        self.scheduler.check_room(len(texts), reserved=self.tokenizing)  # 429 before paying for tokenisation
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            None, encode, self.tokenizer, texts, pairs, self.config.max_length, self.settings.truncate
-        )
+        self.tokenizing += len(texts)
+        try:
+            encoded = await loop.run_in_executor(
+                None, encode, self.tokenizer, texts, pairs, self.config.max_length, self.settings.truncate
+            )
+        finally:
+            self.tokenizing -= len(texts)
         tokenized = time.monotonic()
         self.metrics.tokenization_duration.labels(self.name).observe(tokenized - start)
 
         thresholds = self.config.thresholds(threshold)
         per_layer = torch.tensor(thresholds, dtype=torch.float32)
-        deadline = tokenized + self.settings.request_timeout
+        deadline = start + self.settings.request_timeout
         samples = [
             Sample(e, per_layer, loop.create_future(), loop, deadline, [] if trace else None) for e in encoded
         ]
         self.scheduler.submit(samples)
-        predictions = await asyncio.gather(*(s.future for s in samples))
+        try:
+            predictions = await asyncio.gather(*(s.future for s in samples))
+        except BaseException:  # a failed input, or the request was cancelled: the rest are not wanted
+            for s in samples:
+                s.future.cancel()
+            raise
         for s in samples:
             self.metrics.queue_duration.labels(self.name).observe(s.started - s.submitted)
             self.metrics.inference_duration.labels(self.name).observe(s.finished - s.started)

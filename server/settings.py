@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     max_chars: int = Field(20000, ge=1, description="characters per text")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit; beyond: 413")
     truncate: bool = Field(True, description="truncate inputs over the model's max tokens (else 422)")
-    request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue; then 503")
+    request_timeout: float = Field(30.0, gt=0, description="seconds from arrival a request may wait to start; then 503")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     api_key: str | None = Field(None, description="if set, /predict and /info need 'Authorization: Bearer KEY'")
     warmup: bool = True

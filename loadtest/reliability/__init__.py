@@ -6,6 +6,6 @@ in request count).
     python -m loadtest.reliability soak       # ~70% of the sustained rate for 10 minutes
     python -m loadtest.reliability shutdown   # SIGTERM under load
 
-Modules: `process` (the server process, its resident memory), `client` (a light open-loop HTTP
+Modules: `process` (the server process; its memory and CPU), `client` (a light open-loop HTTP
 client and the request records), `report` (statistics, JSON, table, plot), `scenarios` (the runs).
 """

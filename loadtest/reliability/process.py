@@ -1,4 +1,5 @@
-"""The server under test: an `exitserve serve` process on 127.0.0.1 whose resident memory is sampled."""
+"""The server under test: an `exitserve serve` process on 127.0.0.1 whose resident memory and CPU
+time (and the load generator's CPU time: it shares the machine) are sampled."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`with ServerProcess(...) as server:` starts the server, waits for /ready and samples its RSS
-    every `every` seconds into `server.memory` ([(seconds since start, bytes)]) until the block ends."""
+    """`with ServerProcess(...) as server:` starts the server, waits for /ready and, every `every`
+    seconds until the block ends, appends to `server.samples`: (seconds since ready, server RSS
+    bytes, server CPU seconds, this process's CPU seconds)."""
 
     def __init__(self, checkpoint: Path | None, settings: list[str], log: Path, every: float = 0.5):
         self.port = free_port()
@@ -34,7 +36,7 @@ class ServerProcess:
         self.command = [sys.executable, "-m", "models.cli", "serve", *ckpt, "--host", HOST,
                         "--port", str(self.port), *sets]
         self.log_path, self.every = log, every
-        self.memory: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int, float, float]] = []
         self._stop = threading.Event()
         self.started = 0.0
 
@@ -77,11 +79,14 @@ class ServerProcess:
         return self.ps.memory_info().rss
 
     def _sample(self) -> None:
+        me = psutil.Process()
         while not self._stop.wait(self.every):
             try:
-                self.memory.append((time.monotonic() - self.started, self.rss()))
+                with self.ps.oneshot():
+                    rss, cpu = self.rss(), sum(self.ps.cpu_times()[:2])
             except psutil.NoSuchProcess:
                 return
+            self.samples.append((time.monotonic() - self.started, rss, cpu, sum(me.cpu_times()[:2])))
 
     def terminate(self) -> float:
         """Send SIGTERM; returns when it was sent (time.monotonic())."""

@@ -54,21 +54,32 @@ def summarise_phases(records: list[Record], phases: list[Phase]) -> list[dict]:
     return [summarise(records, p.name, start, p.seconds, p.rate) for p, start in zip(phases, starts, strict=True)]
 
 
-def windows(records: list[Record], memory: list[tuple[float, int]], width: float, offset: float = 0.0) -> list[dict]:
-    """Per `width`-second window of scheduled send time: statuses, 200 latencies, peak RSS.
-    `offset`: where the records' clock starts on the memory samples' clock."""
+def cpu_cores(samples: list[tuple[float, int, float, float]], lo: float, hi: float, which: int) -> float | None:
+    """Average cores used between `lo` and `hi` (sample clock) by the server (which=2) or the generator (3)."""
+    inside = [s for s in samples if lo <= s[0] < hi]
+    if len(inside) < 2:
+        return None
+    return round((inside[-1][which] - inside[0][which]) / (inside[-1][0] - inside[0][0]), 2)
+
+
+def windows(records: list[Record], samples: list[tuple[float, int, float, float]], width: float,
+            offset: float = 0.0) -> list[dict]:
+    """Per `width`-second window of scheduled send time: statuses, 200 latencies, peak server RSS and
+    the cores used by the server and the generator. `offset`: the records' clock on the samples' clock."""
     end = max((r.at for r in records), default=0.0)
     out = []
     for i in range(int(end // width) + 1):
         lo, hi = i * width, (i + 1) * width
         rows = [r for r in records if lo <= r.at < hi]
         ok = [r.latency for r in rows if r.status == 200]
-        rss = [b for t, b in memory if lo <= t - offset < hi]
+        rss = [s[1] for s in samples if lo <= s[0] - offset < hi]
         out.append({
             "t": lo, "sent": len(rows), "ok": len(ok), "refused": sum(r.status in (429, 503) for r in rows),
             "failed": sum(r.status not in (200, 429, 503) for r in rows),
             "ok_p50_ms": ms(pct(ok, 50)), "ok_p99_ms": ms(pct(ok, 99)),
             "rss_mib": round(max(rss) / MIB, 1) if rss else None,
+            "server_cores": cpu_cores(samples, lo + offset, hi + offset, 2),
+            "generator_cores": cpu_cores(samples, lo + offset, hi + offset, 3),
         })
     return out
 
@@ -88,9 +99,9 @@ def write_json(path: Path, result: dict) -> Path:
 
 
 def plot(path: Path, series: list[dict], width: float, title: str, marks: dict[str, float] | None = None) -> Path:
-    """Three panels over time: requests per second by outcome, latency of 200s, server RSS."""
+    """Four panels over time: requests per second by outcome, latency of 200s, server RSS, cores used."""
     t = [w["t"] for w in series]
-    fig, (rate, lat, mem) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    fig, (rate, lat, mem, cpu) = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
     for key, colour in (("sent", "grey"), ("ok", "tab:green"), ("refused", "tab:orange"), ("failed", "tab:red")):
         rate.plot(t, [w[key] / width for w in series], label=key, color=colour)
     rate.set_ylabel("requests/s")
@@ -102,9 +113,13 @@ def plot(path: Path, series: list[dict], width: float, title: str, marks: dict[s
     lat.legend(loc="upper right", fontsize=8)
     mem.plot(t, [w["rss_mib"] for w in series], color="tab:purple")
     mem.set_ylabel("server RSS (MiB)")
-    mem.set_xlabel("seconds")
+    for key in ("server_cores", "generator_cores"):
+        cpu.plot(t, [w[key] for w in series], label=key.replace("_", " "))
+    cpu.set_ylabel("CPU cores used")
+    cpu.legend(loc="upper right", fontsize=8)
+    cpu.set_xlabel("seconds")
     for name, at in (marks or {}).items():
-        for ax in (rate, lat, mem):
+        for ax in (rate, lat, mem, cpu):
             ax.axvline(at, color="black", linewidth=0.6, linestyle=":")
         rate.annotate(name, (at, 0), xytext=(3, 3), textcoords="offset points", fontsize=8)
     fig.suptitle(title, fontsize=10)

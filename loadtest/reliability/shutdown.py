@@ -58,7 +58,7 @@ def shutdown(opts: Options, fraction: float = 0.7, before: float = 10, after: fl
             return rate, records, offset, sent - start, exit_s, code, [(t - sent, s) for t, s in ready]
 
         rate, records, offset, sigterm_at, exit_s, code, ready = asyncio.run(main())
-        memory = list(server.memory)
+        samples = list(server.samples)
     in_flight = [r for r in records if r.at < sigterm_at < r.at + r.latency]
     after_signal = [r for r in records if r.at >= sigterm_at]
     counts: dict[str, dict[str, int]] = {}
@@ -83,5 +83,5 @@ def shutdown(opts: Options, fraction: float = 0.7, before: float = 10, after: fl
     print(f"SIGTERM at {sigterm_at:.1f} s; exit code {code} after {exit_s:.2f} s (drain timeout {drain:g} s)")
     print(f"outcomes: {counts}")
     print(f"/ready after SIGTERM: {result['ready']}")
-    return finish(opts, "shutdown", result, windows(records, memory, 1.0, offset), 1.0,
+    return finish(opts, "shutdown", result, windows(records, samples, 1.0, offset), 1.0,
                   "SIGTERM under load", {"SIGTERM": sigterm_at})

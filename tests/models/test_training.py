@@ -109,7 +109,7 @@ def test_lte_regression_target_is_one_minus_tanh_of_the_error():
     # exit 1 only (exits 1..n-1): MSE + (0.5 - (1 - tanh|e|))^2
     mse = ((torch.tensor([1.0, 3.0]) - labels) ** 2).mean()
     targets = 1 - torch.tanh(torch.tensor([1.0, 0.5]))
-    assert float(loss) == pytest.approx(float(mse + ((0.5 - targets) ** 2).mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(mse + ((0.5 - targets) ** 2).mean()), rel=1e-6)
     loss.backward()
     assert lte.grad is not None and lte.grad[1].abs().sum() == 0  # final layer's J not in the loss
 

@@ -159,7 +159,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(to
 
 
 def test_queue_full_and_deadline(tokenizer):
-    model = slow_model(delay=0.05)
+    model = slow_model(delay=0.2)  # each layer step far outlasts the 50 ms deadline below
     encoded = encode(tokenizer, ["a", "b", "c"], max_length=16)
 
     async def main():
@@ -168,7 +168,7 @@ def test_queue_full_and_deadline(tokenizer):
             sched.submit(make_samples(encoded, 1.0))  # 3 > 2: all or nothing
         first = make_samples(encoded[:1], 1.0)
         sched.submit(first)
-        await asyncio.sleep(0.01)  # the worker is busy with `first` for ~4 x 50 ms
+        await asyncio.sleep(0.01)  # the worker is busy with `first`'s first layer for 200 ms
         expired = make_samples(encoded[1:2], 1.0, deadline_s=0.05)
         sched.submit(expired)
         with pytest.raises(DeadlineExceeded):
