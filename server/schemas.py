@@ -6,7 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: what the spec says, nothing coerced ("threshold": false or "return_trace": "yes" is a 422)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str | list[str] = Field(..., description="one text, or a list of texts")
     text_pair: str | list[str] | None = Field(None, description="second texts, for pair tasks (same length)")

@@ -184,6 +184,8 @@ HOSTILE = [  # (name, request kwargs, status, error type); the body limit is the
     ("too many inputs", {"json": {"text": ["x"] * 17}}, 422, "validation_error"),
     ("150k tiny inputs", {"json": {"text": ["x"] * 150_000}}, 422, "validation_error"),
     ("not an object", {"json": [1, 2]}, 422, "validation_error"),
+    ("a boolean threshold", {"json": {"text": "ok", "threshold": False}}, 422, "validation_error"),  # no coercion
+    ("a string flag", {"json": {"text": "ok", "return_trace": "yes"}}, 422, "validation_error"),
 ]
 
 
