@@ -144,9 +144,26 @@ def markdown(report: dict) -> str:
         for name, rows in srv["servers"].items():
             lines += [f"| {name} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
                       f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-                      f"{r['mean_exit_layer'] if r['mean_exit_layer'] is None else round(r['mean_exit_layer'], 2)} |"
+                      f"{'–' if r['mean_exit_layer'] is None else round(r['mean_exit_layer'], 2)} |"
                       for r in rows]
+        lines += ["", *ratios(srv["servers"])]
+    if "overhead_ms_c1" in report:
+        lines += ["", f"Overhead at concurrency 1 (exits on p50 minus the model's own batch-1 p50): "
+                      f"{report['overhead_ms_c1']:.2f} ms"]
     return "\n".join(lines) + "\n"
+
+
+def ratios(servers: dict[str, list[dict]]) -> list[str]:
+    """Throughput of exitserve (exits on) over each other server, per concurrency, from the same run."""
+    ours = servers["exitserve exits on"]
+    lines = ["| exits on vs | " + " | ".join(f"c={r['concurrency']}" for r in ours) + " |",
+             "|---|" + "---|" * len(ours)]
+    for name, rows in servers.items():
+        if name != "exitserve exits on":
+            lines.append(f"| {name} | " + " | ".join(
+                f"{a['throughput_rps'] / b['throughput_rps']:.2f}×" if b["throughput_rps"] else "–"
+                for a, b in zip(ours, rows, strict=True)) + " |")
+    return lines
 
 
 def plot(report: dict, stem: Path) -> list[Path]:

@@ -28,18 +28,18 @@ def _plt():
 
 def layerwise(reports: dict[str, dict], out: Path) -> list[str]:
     """Experiment 1: every sample forced to exit at layer k, relative to Raw's final layer."""
-    groups: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    groups: dict[tuple[str, str, int], dict[str, dict]] = defaultdict(dict)
     for r in reports.values():
         if r["task"] != "STS-B":
-            groups[(r["task"], r["backbone"])][r["strategy"]] = r
+            groups[(r["task"], r["backbone"], r["train_samples"])][r["strategy"]] = r
     lines = []
     plt = _plt()
-    for (task, backbone), runs in sorted(groups.items()):
+    for (task, backbone, size), runs in sorted(groups.items()):
         raw = runs.get("raw")
         ref = raw["final_layer_score"] if raw else None
         any_run = next(iter(runs.values()))
         n_layers, metric = any_run["num_layers"], any_run["metric"]
-        lines += [f"#### {task}, {backbone} ({any_run['train_samples']} training samples, "
+        lines += [f"#### {task}, {backbone} ({size} training samples, "
                   f"{any_run['epochs']} epochs; {metric}" + (f", Raw = {ref:.4f})" if ref else ")"), "",
                   "| strategy | " + " | ".join(f"L{k}" for k in range(1, n_layers + 1)) + " |",
                   "|---|" + "---|" * n_layers]
@@ -47,6 +47,10 @@ def layerwise(reports: dict[str, dict], out: Path) -> list[str]:
         for strategy in [s for s in STRATEGY_ORDER if s in runs]:
             scores = [row["score"] for row in runs[strategy]["per_layer"]]
             shown = [s / ref for s in scores] if ref else scores
+            if strategy == "raw":  # no exits were trained: only its final layer means something
+                lines.append("| raw | " + "– | " * (n_layers - 1) + f"{shown[-1]:.3f} |")
+                ax.axhline(shown[-1], color="grey", ls="--", label="raw (final layer)")
+                continue
             lines.append(f"| {strategy} | " + " | ".join(f"{v:.3f}" for v in shown) + " |")
             ax.plot(range(1, n_layers + 1), shown, marker="o", label=strategy)
         ax.set(xlabel="exit layer (all samples forced)", ylabel=f"{metric} relative to Raw" if ref else metric,
@@ -54,7 +58,7 @@ def layerwise(reports: dict[str, dict], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        png = out / f"exp1_{task.lower()}_{backbone}.png"
+        png = out / f"exp1_{task.lower()}_{backbone}_n{size}.png"
         fig.savefig(png, dpi=120)
         plt.close(fig)
         lines += ["", f"![{task} {backbone}]({png.name})", "", *findings(runs, n_layers), ""]
@@ -73,21 +77,27 @@ def findings(runs: dict[str, dict], n_layers: int) -> list[str]:
     if {"two-stage", "alternating", "joint"} <= set(runs):
         ts, alt, jt = (mean(s, early) for s in ("two-stage", "alternating", "joint"))
         holds = ts < min(alt, jt)
-        out.append(f"- two-stage weak at early layers (mean of layers 1–{n_layers // 2}): two-stage {ts:.3f}, "
-                   f"alternating {alt:.3f}, joint {jt:.3f} → {'holds' if holds else 'does not hold'}")
+        out.append(f"- two-stage weak at early layers (mean of layers 1–{n_layers // 2}): two-stage {ts:.4f}, "
+                   f"alternating {alt:.4f}, joint {jt:.4f} → {'holds' if holds else 'does not hold'}")
     if {"alternating", "joint"} <= set(runs):
         alt, jt = mean("alternating", late), mean("joint", late)
         out.append(f"- alternating ≥ joint at late layers (mean of layers {n_layers - 1}–{n_layers}): "
-                   f"alternating {alt:.3f}, joint {jt:.3f} → {'holds' if alt >= jt else 'does not hold'}")
+                   f"alternating {alt:.4f}, joint {jt:.4f} → {'holds' if alt >= jt else 'does not hold'}")
+    any_run = next(iter(runs.values()))
+    score, n = any_run["final_layer_score"], any_run.get("samples")
+    if out and n and 0 < score < 1:
+        out.append(f"- noise: {n} dev samples, so one standard error of a score near {score:.2f} is about "
+                   f"{(score * (1 - score) / n) ** 0.5:.3f}; smaller differences are not evidence either way")
     return out
 
 
-def tradeoff(reports: dict[str, dict], timings: dict[str, dict]) -> list[str]:
+def tradeoff(reports: dict[str, dict], timings: dict[str, dict], out: Path) -> list[str]:
     """Experiment 2: Raw, alternating at several thresholds, and the distillation analogue."""
     runs = {t["run"]: t for t in timings.values()}
-    raw12 = next((n for n in runs if "mpnet-base-raw" in n), None)
-    if raw12 is None:
+    raws = [n for n in runs if reports[n]["strategy"] == "raw"]
+    if not raws:
         return ["(experiment 2 not run yet)"]
+    raw12 = max(raws, key=lambda n: reports[n]["num_layers"])  # the deepest Raw model plays BERT-base
     ref_report = reports[raw12]
     ref_score, ref_layers = ref_report["final_layer_score"], ref_report["num_layers"]
     ref_seconds = runs[raw12]["runs"][-1]["seconds"]
@@ -97,9 +107,12 @@ def tradeoff(reports: dict[str, dict], timings: dict[str, dict]) -> list[str]:
              "", "| model | threshold | quality vs Raw | mean exit layer | layers saved vs Raw "
              "| speed-up (exits on/off) | ideal | speed-up / ideal | speed-up vs Raw |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name in sorted(runs, key=lambda n: ("minilm" in n, "alternating" in n)):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name in sorted(runs, key=lambda n: (-reports[n]["num_layers"], reports[n]["strategy"] != "raw")):
         report, timing = reports[name], runs[name]
         sweep = {row["threshold"]: row for row in report["sweep"]}
+        points = []
         for row in timing["runs"]:
             t = row["threshold"]
             quality = (sweep[t]["score"] if t in sweep else report["final_layer_score"]) / ref_score
@@ -110,7 +123,18 @@ def tradeoff(reports: dict[str, dict], timings: dict[str, dict]) -> list[str]:
                 f"{1 - row['mean_exit_layer'] / ref_layers:.1%} | {row['speedup_vs_full']:.2f}× | "
                 f"{row['ideal_speedup']:.2f}× | {row['speedup_vs_full'] / row['ideal_speedup']:.0%} | "
                 f"{ref_seconds / row['seconds']:.2f}× |")
-    return lines
+            points.append((ref_seconds / row["seconds"], quality))
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=f"{report['strategy']} {report['backbone']}")
+    ax.set(xlabel=f"speed-up vs Raw {ref_report['backbone']} (wall-clock, batch 32)",
+           ylabel="quality relative to Raw", title="SST-2: quality / speed trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "exp2_tradeoff.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![trade-off](exp2_tradeoff.png)"]
 
 
 def regression(reports: dict[str, dict], out: Path) -> list[str]:
@@ -140,7 +164,7 @@ def regression(reports: dict[str, dict], out: Path) -> list[str]:
 def write_report(out: Path) -> Path:
     reports, timings = _load(out)
     text = ["## Experiment 1 — layer-wise scores", "", *layerwise(reports, out),
-            "## Experiment 2 — quality / speed trade-off", "", *tradeoff(reports, timings), "",
+            "## Experiment 2 — quality / speed trade-off", "", *tradeoff(reports, timings, out), "",
             "## Experiment 3 — regression (STS-B)", "", *regression(reports, out), ""]
     path = out / "experiments.md"
     path.write_text("\n".join(text))

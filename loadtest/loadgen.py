@@ -1,4 +1,5 @@
-"""A small closed-loop load generator: N concurrent clients, each sending requests back to back.
+"""A small closed-loop load generator: N concurrent clients, each sending requests back to back
+over keep-alive connections of the light client in loadtest.http_client.
 
 Bounded in time and in count, loopback only by default. The generator shares the machine with the
 server it measures, so keep it light and compare ratios from the same run, not absolute numbers.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import statistics
 import time
 from collections import Counter
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-import httpx
+from loadtest.http_client import Client
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -65,34 +67,35 @@ async def run_load(
 ) -> LoadResult:
     """Closed loop for `warmup + duration` seconds; only the last `duration` seconds are measured."""
     check_loopback(url)
+    parts = urlparse(url)
     counter = itertools.count()
     result = LoadResult(concurrency, duration)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        start = time.perf_counter()
-        measure_from, stop_at = start + warmup, start + warmup + duration
+    client = Client(parts.hostname, parts.port or 80, max_connections=concurrency)
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
 
-        async def worker() -> None:
-            while (now := time.perf_counter()) < stop_at:
-                i = next(counter)
-                if i >= max_requests:
-                    return
-                sent = now
-                try:
-                    resp = await client.post(url, json=make_body(i))
-                    status = resp.status_code
-                except httpx.TransportError:
-                    status, resp = -1, None
-                done = time.perf_counter()
-                if sent < measure_from or done > stop_at:
-                    continue
-                result.statuses[status] += 1
-                if status == 200:
-                    result.latencies_ms.append((done - sent) * 1000)
-                    if exit_layer_of is not None and resp is not None:
-                        layer = exit_layer_of(resp.json())
-                        if layer is not None:
-                            result.exit_layers.append(layer)
+    async def worker() -> None:
+        while (sent := time.perf_counter()) < stop_at:
+            i = next(counter)
+            if i >= max_requests:
+                return
+            try:
+                status, payload = await client.request("POST", parts.path, json.dumps(make_body(i)).encode())
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                status, payload = -1, b""
+            done = time.perf_counter()
+            if sent < measure_from or done > stop_at:
+                continue
+            result.statuses[status] += 1
+            if status == 200:
+                result.latencies_ms.append((done - sent) * 1000)
+                if exit_layer_of is not None:
+                    layer = exit_layer_of(json.loads(payload))
+                    if layer is not None:
+                        result.exit_layers.append(layer)
 
+    try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        client.close()
     return result

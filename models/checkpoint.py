@@ -30,6 +30,10 @@ from models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
 SCHEMA_VERSION = 1
 EXIT_CONFIG = "exit_config.json"
 WEIGHTS = "model.safetensors"
+# Without one of these, transformers builds a near-empty tokenizer from config.json and every word is unknown.
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"
+)
 
 
 class CheckpointError(RuntimeError):
@@ -161,6 +165,10 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
     for name in ("config.json", WEIGHTS):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name}")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"checkpoint {directory} has no tokenizer vocabulary (none of {', '.join(TOKENIZER_FILES)})"
+        )
     exit_config = ExitConfig.read(directory)
     try:
         backbone_config = AutoConfig.from_pretrained(directory)

@@ -2,14 +2,16 @@
 
 The checkpoint is loaded before uvicorn starts, so a broken one stops start-up with a one-line
 reason and exit code 2 and the server never answers at all. On SIGTERM/SIGINT /ready turns 503
-first, uvicorn stops accepting connections and finishes in-flight requests (up to
-`drain_timeout` seconds), then the scheduler stops and the process exits.
+first; `drain_delay` seconds later (default 0: at once) uvicorn stops accepting connections and
+finishes in-flight requests (up to `drain_timeout` seconds), then the scheduler stops and the
+process exits. A second signal skips the delay.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import uvicorn
 
@@ -23,14 +25,26 @@ log = logging.getLogger("exitserve")
 
 
 class DrainingServer(uvicorn.Server):
-    """Marks the app as draining (so /ready answers 503) as soon as a stop signal arrives."""
+    """Marks the app as draining (so /ready answers 503) as soon as a stop signal arrives, and
+    tells uvicorn to stop `drain_delay` seconds later, so that load balancers polling /ready take
+    the instance out of rotation while it still accepts connections."""
 
-    def __init__(self, config: uvicorn.Config, app_state):
+    def __init__(self, config: uvicorn.Config, app_state, drain_delay: float = 0.0):
         super().__init__(config)
-        self.app_state = app_state
+        self.app_state, self.drain_delay = app_state, drain_delay
+        self.delayed: threading.Timer | None = None
 
     def handle_exit(self, sig, frame) -> None:
         self.app_state.draining = True
+        if self.drain_delay > 0 and self.delayed is None:
+            log.info("draining: /ready answers 503; closing the listener in %.1f s", self.drain_delay)
+            # uvicorn polls should_exit from its main loop, so setting it from a timer thread is safe
+            self.delayed = threading.Timer(self.drain_delay, super().handle_exit, (sig, frame))
+            self.delayed.daemon = True
+            self.delayed.start()
+            return
+        if self.delayed is not None:
+            self.delayed.cancel()  # a second signal: stop now
         super().handle_exit(sig, frame)
 
 
@@ -45,9 +59,9 @@ def run(settings: Settings) -> int:
              service.config.task, service.config.num_layers, service.criterion.name, service.config.default_threshold)
     app = create_app(settings, service)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_timeout) or None,
     )
-    server = DrainingServer(config, app.state)
+    server = DrainingServer(config, app.state, settings.drain_delay)
     server.run()
     return 0 if server.started else 1

@@ -27,7 +27,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit; beyond: 413")
     truncate: bool = Field(True, description="truncate inputs over the model's max tokens (else 422)")
     request_timeout: float = Field(30.0, gt=0, description="seconds from arrival a request may wait to start; then 503")
+    drain_delay: float = Field(
+        0.0, ge=0, description="seconds between /ready turning 503 and closing the listener on SIGTERM "
+        "(set it above the load balancer's readiness poll interval)"
+    )
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     api_key: str | None = Field(None, description="if set, /predict and /info need 'Authorization: Bearer KEY'")
     warmup: bool = True
     log_level: str = "info"
+    access_log: bool = Field(True, description="one log line per request (~10 % of the event loop under overload)")

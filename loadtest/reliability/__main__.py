@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", choices=["overload", "soak", "shutdown"])
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the embedded model)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting")
-    parser.add_argument("--out", type=Path, default=Path("runs/reliability"), help="where JSON/PNG/logs go")
+    parser.add_argument("--out", type=Path, default=Path("runs/reliability"),
+                        help="where the JSON and PNG go (the server's log: runs/reliability)")
     parser.add_argument("--texts", type=Path, default=FIXTURE_TEXTS, help="TSV (first column) or one per line")
     parser.add_argument("--rate", type=float, help="the sustained rate (req/s); measured first when absent")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients to measure the rate")

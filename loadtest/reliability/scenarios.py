@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from loadtest.reliability.client import Client, Phase, Record, drive, references, sustained_rate
+from loadtest.http_client import Client
+from loadtest.reliability.client import Phase, Record, drive, references, sustained_rate
 from loadtest.reliability.process import HOST, ServerProcess
 from loadtest.reliability.report import (
     MIB,
@@ -49,7 +50,7 @@ def load_average() -> list[float]:
 class Options:
     checkpoint: Path | None  # None: the embedded default model
     settings: list[str]  # server settings, NAME=VALUE
-    out: Path
+    out: Path  # JSON and PNG
     texts: list[str]
     rate: float | None = None  # the sustained rate; measured when None
     concurrency: int = 32  # closed-loop clients for measuring the sustained rate
@@ -58,6 +59,7 @@ class Options:
     note: str = ""  # what else ran on the machine
     started: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(" ", "seconds"))
     load_at_start: list[float] = field(default_factory=load_average)
+    logs: Path = Path("runs/reliability")  # the server's log (not committed: one access-log line per request)
 
 
 def machine(opts: Options) -> dict:
@@ -106,7 +108,7 @@ def add_cores(summaries: list[dict], phases: list[Phase], samples: list, offset:
 def overload(opts: Options, factor: float = 4.0, before: float = 30, during: float = 60, after: float = 30) -> dict:
     """Half the sustained rate, then `factor` x it, then half again: refusals are fast, accepted
     answers are right, memory stays bounded, and latency comes back."""
-    with ServerProcess(opts.checkpoint, opts.settings, opts.out / "overload.log") as server:
+    with ServerProcess(opts.checkpoint, opts.settings, opts.logs / "overload.log") as server:
         async def main() -> tuple[list[Phase], list[Record], float, int]:
             client, refs, rate = await prepare(server, opts)
             phases = [Phase("before", rate / 2, before), Phase("overload", rate * factor, during),
@@ -133,7 +135,7 @@ def overload(opts: Options, factor: float = 4.0, before: float = 30, during: flo
 
 def soak(opts: Options, fraction: float = 0.7, minutes: float = 10, width: float = 30) -> dict:
     """`fraction` of the sustained rate for `minutes`: no errors, flat memory, stable p99."""
-    with ServerProcess(opts.checkpoint, opts.settings, opts.out / "soak.log") as server:
+    with ServerProcess(opts.checkpoint, opts.settings, opts.logs / "soak.log") as server:
         async def main() -> tuple[Phase, list[Record], float]:
             client, refs, rate = await prepare(server, opts)
             phase = Phase("soak", rate * fraction, minutes * 60)

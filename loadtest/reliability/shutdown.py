@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from loadtest.reliability.client import Client, Phase, Record
+from loadtest.http_client import Client
+from loadtest.reliability.client import Phase, Record
 from loadtest.reliability.process import HOST, ServerProcess
 from loadtest.reliability.report import ms, summarise, windows
 from loadtest.reliability.scenarios import Options, finish, prepare, run_phases
@@ -40,7 +41,7 @@ def outcome(record: Record) -> str:
 
 def shutdown(opts: Options, fraction: float = 0.7, before: float = 10, after: float = 15) -> dict:
     drain = next((float(s.split("=", 1)[1]) for s in opts.settings if s.startswith("drain_timeout=")), 30.0)
-    with ServerProcess(opts.checkpoint, opts.settings, opts.out / "shutdown.log") as server:
+    with ServerProcess(opts.checkpoint, opts.settings, opts.logs / "shutdown.log") as server:
         async def main() -> tuple[float, list[Record], float, float, float, int, list[tuple[float, str]]]:
             client, refs, rate = await prepare(server, opts, keep_alive=False)
             ready: list[tuple[float, str]] = []

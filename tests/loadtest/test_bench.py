@@ -36,7 +36,11 @@ def test_bench_all_compares_exits_on_off_and_the_peer(tiny_checkpoint, tmp_path)
     assert all(r["mean_exit_layer"] < TINY_LAYERS for r in servers["exitserve exits on"])
     assert "overhead_ms_c1" in report
     assert (tmp_path / "b_server.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| exitserve exits on | 1 |" in (tmp_path / "b.md").read_text()
+    table = (tmp_path / "b.md").read_text()
+    assert "| exitserve exits on | 1 |" in table
+    on, off = servers["exitserve exits on"][0], servers["exitserve exits off"][0]
+    assert f"| exitserve exits off | {on['throughput_rps'] / off['throughput_rps']:.2f}× |" in table
+    assert f"batch-1 p50): {report['overhead_ms_c1']:.2f} ms" in table
 
 
 def test_locustfile_runs_headless_without_failures(tiny_checkpoint, tmp_path):

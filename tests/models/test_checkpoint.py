@@ -49,6 +49,12 @@ def test_missing_weights(ckpt_dir):
         load_checkpoint(ckpt_dir)
 
 
+def test_missing_tokenizer_files(ckpt_dir):
+    (ckpt_dir / "tokenizer.json").unlink()  # transformers would build a 5-token tokenizer from config.json
+    with pytest.raises(CheckpointError, match="no tokenizer vocabulary"):
+        load_checkpoint(ckpt_dir)
+
+
 def test_missing_exit_config(ckpt_dir):
     (ckpt_dir / "exit_config.json").unlink()
     with pytest.raises(CheckpointError, match="not an exitserve checkpoint"):

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from loadtest.servers import exitserve_command, free_port, wait_ready
 from server.app import create_app
-from server.main import DrainingServer
+from server.main import DrainingServer, run
 from server.settings import Settings
 
 
@@ -89,6 +89,41 @@ def test_draining_turns_ready_to_503(tiny_checkpoint):
         assert server.should_exit
         r = client.get("/ready")
         assert r.status_code == 503 and r.json()["error"]["type"] == "draining"
+
+
+def test_drain_delay_keeps_serving_while_ready_says_503_then_stops(tiny_checkpoint):
+    app = create_app(Settings(checkpoint=tiny_checkpoint, warmup=False))
+    with TestClient(app) as client:
+        server = DrainingServer(uvicorn.Config(app), app.state, drain_delay=0.5)
+        server.handle_exit(signal.SIGTERM, None)
+        assert client.get("/ready").status_code == 503
+        assert not server.should_exit  # still accepting: the load balancer has time to notice
+        assert client.post("/predict", json={"text": "still served"}).status_code == 200
+        deadline = time.monotonic() + 5
+        while not server.should_exit and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.should_exit
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_settings_reach_uvicorn(tiny_checkpoint, monkeypatch, access_log):
+    seen = []
+    monkeypatch.setattr(DrainingServer, "run", lambda self: seen.append(self))
+    settings = Settings(checkpoint=tiny_checkpoint, warmup=False, access_log=access_log, drain_delay=3, port=8123)
+    assert run(settings) == 1  # never started: run() was replaced
+    (server,) = seen
+    assert (server.config.access_log, server.config.port, server.drain_delay) == (access_log, 8123, 3)
+
+
+def test_a_second_signal_skips_the_drain_delay(tiny_checkpoint):
+    app = create_app(Settings(checkpoint=tiny_checkpoint, warmup=False))
+    server = DrainingServer(uvicorn.Config(app), app.state, drain_delay=60)
+    server.handle_exit(signal.SIGTERM, None)
+    assert app.state.draining and not server.should_exit
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
+    server.delayed.join(2)
+    assert not server.delayed.is_alive()  # the timer was cancelled, not left to fire again
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "schema"])

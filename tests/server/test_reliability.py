@@ -347,9 +347,7 @@ def damage(checkpoint: Path, how: str, tmp_path: Path, tokenizer) -> Path:
     return broken
 
 
-BAD = ["missing exit config", "corrupt safetensors", "head shapes", "tokenizer", "pickle",
-       pytest.param("missing tokenizer", marks=pytest.mark.xfail(
-           strict=True, reason="transformers builds an empty 5-token BertTokenizer and load_checkpoint accepts it"))]
+BAD = ["missing exit config", "missing tokenizer", "corrupt safetensors", "head shapes", "tokenizer", "pickle"]
 
 
 @pytest.mark.parametrize("how", BAD)
