@@ -58,6 +58,7 @@ class PredictionService:
         self.metrics.queue_size.labels(self.name).set_function(lambda: self.scheduler.queue_size)
         self.tokenizing = 0  # inputs admitted but not yet queued (only touched on the event loop)
         self.ready = False
+        self.warming_up = False  # warm-up batches are not traffic: the metrics skip them
 
     @classmethod
     def load(cls, settings: Settings) -> PredictionService:
@@ -76,6 +77,8 @@ class PredictionService:
         return self.config.pair_column is not None
 
     def _on_step(self, stats: StepStats) -> None:
+        if self.warming_up:
+            return
         self.metrics.batch_size.labels(self.name).observe(stats.batch_size)
         for _ in stats.exited:
             self.metrics.observe_exit(stats.layer)
@@ -84,8 +87,12 @@ class PredictionService:
         self.scheduler.start()
         if self.settings.warmup:
             batch = (WARMUP_TEXTS * 4)[: min(8, self.settings.max_queue_size)]  # never more than the queue holds
-            for texts in (batch[:1], batch):
-                await self.predict(texts, None, None, False)
+            self.warming_up = True
+            try:
+                for texts in (batch[:1], batch):
+                    await self.predict(texts, None, None, False)
+            finally:
+                self.warming_up = False
         self.ready = True
 
     def stop(self) -> None:

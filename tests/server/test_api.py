@@ -72,8 +72,9 @@ def test_health_ready_info_metrics_docs(client):
     assert client.get("/docs").status_code == 200
 
 
-def test_average_layers_saved_is_layers_saved_per_prediction(tiny_checkpoint):
-    with make_client(tiny_checkpoint, warmup=False) as c:
+@pytest.mark.parametrize("warmup", [False, True])  # warm-up batches are not traffic: never counted
+def test_average_layers_saved_is_layers_saved_per_prediction(tiny_checkpoint, warmup):
+    with make_client(tiny_checkpoint, warmup=warmup) as c:
         c.post("/predict", json={"text": ["a", "b", "c"], "threshold": 0.0})  # 3 x (L - 1) saved
         c.post("/predict", json={"text": "d", "threshold": 1.0})  # 0 saved
         text = c.get("/metrics").text
