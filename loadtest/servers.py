@@ -20,9 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def exitserve_command(checkpoint: str | Path, port: int, *settings: str) -> list[str]:
+def exitserve_command(checkpoint: str | Path | None, port: int, *settings: str) -> list[str]:
+    """`exitserve serve` on 127.0.0.1:port; checkpoint None serves the embedded default model."""
+    ckpt = [str(checkpoint)] if checkpoint else []
     sets = [arg for item in settings for arg in ("--set", item)]
-    return [sys.executable, "-m", "models.cli", "serve", str(checkpoint), "--port", str(port), *sets]
+    return [sys.executable, "-m", "models.cli", "serve", *ckpt, "--host", "127.0.0.1", "--port", str(port), *sets]
 
 
 def peer_command(model_dir: str | Path, port: int) -> tuple[list[str], dict]:

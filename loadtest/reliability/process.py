@@ -4,23 +4,16 @@ time (and the load generator's CPU time: it shares the machine) are sampled."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
-HOST = "127.0.0.1"  # loopback only, always
+from loadtest.servers import exitserve_command, free_port, wait_ready
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+HOST = "127.0.0.1"  # loopback only, always (exitserve_command binds the server there)
 
 
 class ServerProcess:
@@ -31,10 +24,7 @@ class ServerProcess:
     def __init__(self, checkpoint: Path | None, settings: list[str], log: Path, every: float = 0.5):
         self.port = free_port()
         self.base = f"http://{HOST}:{self.port}"
-        ckpt = [str(checkpoint)] if checkpoint else []
-        sets = [arg for item in settings for arg in ("--set", item)]
-        self.command = [sys.executable, "-m", "models.cli", "serve", *ckpt, "--host", HOST,
-                        "--port", str(self.port), *sets]
+        self.command = exitserve_command(checkpoint, self.port, *settings)
         self.log_path, self.every = log, every
         self.samples: list[tuple[float, int, float, float]] = []
         self._stop = threading.Event()
@@ -63,17 +53,10 @@ class ServerProcess:
         self._log.close()
 
     def _wait_ready(self, timeout: float = 180) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.base} never became ready; see {self.log_path}")
+        try:
+            wait_ready(self.base, self.proc, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}; see {self.log_path}") from exc
 
     def rss(self) -> int:
         return self.ps.memory_info().rss

@@ -25,9 +25,9 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from loadtest.servers import free_port
 from server.app import create_app
 from server.settings import Settings
-from tests.server.test_main import free_port
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install '.[ray]')")
 from ray.serve import Application
