@@ -264,7 +264,7 @@ class LayerScheduler:
         leave = exits_now(conf, thresholds, layer == self.num_layers - 1).cpu().tolist()
         logits_cpu, conf_cpu = logits.float().cpu(), conf.float().cpu()
 
-        exited = []
+        exited, answers = [], []
         for i, s in enumerate(batch):
             if s.trace is not None:
                 value, _, _ = decode(logits_cpu[i], self.criterion.regression)
@@ -272,7 +272,7 @@ class LayerScheduler:
             if leave[i]:
                 value, label, probs = decode(logits_cpu[i], self.criterion.regression)
                 s.hidden = s.memory = None
-                s.resolve(Prediction(layer + 1, float(conf_cpu[i]), value, label, probs, s.trace))
+                answers.append(Prediction(layer + 1, float(conf_cpu[i]), value, label, probs, s.trace))
                 exited.append(s)
             else:
                 s.hidden = hidden[i, : lengths[i]]
@@ -280,8 +280,13 @@ class LayerScheduler:
                 s.next_layer = layer + 1
                 s.waiting_since = time.monotonic()
                 self._groups[layer + 1].append(s)
-        if self.on_step is not None:
-            self.on_step(StepStats(layer + 1, len(batch), len(batch) * width, exited))
+        # the step is recorded before anyone is answered: a client holding its answer finds it in the metrics
+        try:
+            if self.on_step is not None:
+                self.on_step(StepStats(layer + 1, len(batch), len(batch) * width, exited))
+        finally:
+            for s, answer in zip(exited, answers, strict=True):
+                s.resolve(answer)
 
     def _embed(self, batch: list[Sample], width: int) -> torch.Tensor:
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)

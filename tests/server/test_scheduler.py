@@ -177,3 +177,20 @@ def test_queue_full_and_deadline(tokenizer):
         sched.stop()
 
     run(main())
+
+
+def test_a_step_is_recorded_before_its_exited_samples_are_answered(tokenizer):
+    seen = []  # per exited sample: was it already answered when on_step ran?
+    encoded = encode(tokenizer, ["one", "two words", "three more words"], max_length=32)
+
+    async def main():
+        sched = LayerScheduler(slow_model(), ExitCriterion("max-prob", TINY_LAYERS), 0,
+                               on_step=lambda st: seen.extend(s.finished is not None for s in st.exited))
+        sched.start()
+        samples = make_samples(encoded, [0.0, 1.0, 1.0])  # exits at layer 1, and at the last layer
+        sched.submit(samples)
+        await asyncio.gather(*(s.future for s in samples))
+        sched.stop()
+
+    run(main())
+    assert seen == [False, False, False]
