@@ -86,21 +86,32 @@ class PredictionService:
     async def start(self) -> None:
         self.scheduler.start()
         if self.settings.warmup:
-            batch = (WARMUP_TEXTS * 4)[: min(8, self.settings.max_queue_size)]  # never more than the queue holds
             self.warming_up = True
             try:
-                for texts in (batch[:1], batch):
-                    await self.predict(texts, None, None, False)
+                await self._warm_up()
             finally:
                 self.warming_up = False
         self.ready = True
+
+    async def _warm_up(self) -> None:
+        """One input, a small batch, then the largest layer step the scheduler can form run through every layer:
+        kernels are loaded and the allocator has reached the high-water mark of its biggest batch before /ready
+        answers 200 (text-embeddings-inference warms up at its token budget for the same reason)."""
+        s = self.settings
+        small = (WARMUP_TEXTS * 4)[: min(8, s.max_queue_size)]  # never more than the queue holds
+        rows = max(1, min(s.max_batch_size, s.max_batch_tokens // self.config.max_length, s.max_queue_size))
+        longest = " ".join(["a"] * 2 * self.config.max_length)  # truncated to exactly max_length tokens
+        await self.predict(small[:1], None, None, False)
+        await self.predict(small, None, None, False)
+        await self.predict([longest] * rows, None, 1.0, False, truncate=True)
 
     def stop(self) -> None:
         self.ready = False
         self.scheduler.stop(self.settings.drain_timeout)
 
     async def predict(
-        self, texts: list[str], pairs: list[str] | None, threshold: float | None, trace: bool
+        self, texts: list[str], pairs: list[str] | None, threshold: float | None, trace: bool,
+        truncate: bool | None = None,
     ) -> Outcome:
         start = time.monotonic()
         self.scheduler.check_room(len(texts), reserved=self.tokenizing)  # 429 before paying for tokenisation
@@ -108,7 +119,8 @@ class PredictionService:
         self.tokenizing += len(texts)
         try:
             encoded = await loop.run_in_executor(
-                None, encode, self.tokenizer, texts, pairs, self.config.max_length, self.settings.truncate
+                None, encode, self.tokenizer, texts, pairs, self.config.max_length,
+                self.settings.truncate if truncate is None else truncate,
             )
         finally:
             self.tokenizing -= len(texts)

@@ -28,3 +28,5 @@ def test_dockerfile_essentials():
     assert "\nUSER 10001" in text  # non-root
     assert "EXPOSE 8000" in text and "/ready" in text.split("HEALTHCHECK", 1)[1]
     assert 'CMD ["exitserve", "serve"]' in text and "EXITSERVE_HOST=0.0.0.0" in text
+    # the allocator is preloaded from the path the image links it to (a wrong path is silently ignored by ld.so)
+    assert "ln -s {} /usr/local/lib/libjemalloc.so.2" in text and "LD_PRELOAD=/usr/local/lib/libjemalloc.so.2" in text

@@ -1,0 +1,34 @@
+"""The prediction service: start-up warm-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.service import PredictionService
+from server.settings import Settings
+from tests.conftest import TINY_LAYERS
+
+
+@pytest.mark.parametrize(
+    ("limits", "rows"),
+    [({}, 32), ({"max_batch_tokens": 1000}, 7), ({"max_queue_size": 3}, 3), ({"truncate": False}, 32)],
+)
+def test_warm_up_runs_the_largest_step_through_every_layer(tiny_checkpoint, limits, rows):
+    service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, **limits))
+    model = service.scheduler.model
+    steps, run_layer = [], model.run_layer
+
+    def logged(index, hidden, mask):
+        steps.append((index, *hidden.shape[:2]))
+        return run_layer(index, hidden, mask)
+
+    model.run_layer = logged
+    asyncio.run(service.start())
+    ready = service.ready
+    service.stop()
+    max_length = service.config.max_length
+    assert [s for s in steps if s[2] == max_length] == [(i, rows, max_length) for i in range(TINY_LAYERS)]
+    assert max(n * w for _, n, w in steps) == rows * max_length  # nothing bigger than the scheduler can form
+    assert ready
