@@ -94,12 +94,12 @@ def test_draining_turns_ready_to_503(tiny_checkpoint):
 def test_drain_delay_keeps_serving_while_ready_says_503_then_stops(tiny_checkpoint):
     app = create_app(Settings(checkpoint=tiny_checkpoint, warmup=False))
     with TestClient(app) as client:
-        server = DrainingServer(uvicorn.Config(app), app.state, drain_delay=0.5)
+        server = DrainingServer(uvicorn.Config(app), app.state, drain_delay=2.0)
         server.handle_exit(signal.SIGTERM, None)
         assert client.get("/ready").status_code == 503
         assert not server.should_exit  # still accepting: the load balancer has time to notice
         assert client.post("/predict", json={"text": "still served"}).status_code == 200
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while not server.should_exit and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.should_exit

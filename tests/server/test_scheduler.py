@@ -104,14 +104,15 @@ def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer):
 
 
 def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer):
-    model = slow_model(delay=0.02)
+    model = slow_model(delay=0.05)
     encoded = encode(tokenizer, ["first arrival", "late arrival"], max_length=32)
 
     async def main():
         sched = scheduler_for(model)
         deep, late = make_samples(encoded, [1.0, 1.0])
         sched.submit([deep])
-        await asyncio.sleep(0.05)  # deep is a couple of layers in
+        while deep.next_layer < 1:  # deep is past layer 1, with >= 3 x 50 ms of layers still to run
+            await asyncio.sleep(0.001)
         sched.submit([late])
         await asyncio.gather(deep.future, late.future)
         sched.stop()
