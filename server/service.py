@@ -24,7 +24,7 @@ from server.metrics import Metrics
 from server.scheduler import LayerScheduler, Sample, StepStats
 from server.settings import Settings
 
-WARMUP_TEXTS = ["warming up", "a slightly longer sentence to warm up the model with some padding"]
+WARMUP_TEXT = "warming up"
 
 
 @dataclass
@@ -94,15 +94,13 @@ class PredictionService:
         self.ready = True
 
     async def _warm_up(self) -> None:
-        """One input, a small batch, then the largest layer step the scheduler can form run through every layer:
-        kernels are loaded and the allocator has reached the high-water mark of its biggest batch before /ready
+        """One input, then the largest layer step the scheduler can form run through every layer: kernels
+        are loaded and the allocator has reached the high-water mark of its biggest batch before /ready
         answers 200 (text-embeddings-inference warms up at its token budget for the same reason)."""
         s = self.settings
-        small = (WARMUP_TEXTS * 4)[: min(8, s.max_queue_size)]  # never more than the queue holds
         rows = max(1, min(s.max_batch_size, s.max_batch_tokens // self.config.max_length, s.max_queue_size))
         longest = " ".join(["a"] * 2 * self.config.max_length)  # truncated to exactly max_length tokens
-        await self.predict(small[:1], None, None, False)
-        await self.predict(small, None, None, False)
+        await self.predict([WARMUP_TEXT], None, None, False)
         await self.predict([longest] * rows, None, 1.0, False, truncate=True)
 
     def stop(self) -> None:
