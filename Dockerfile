@@ -25,9 +25,11 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY exitserve ./exitserve
 COPY models ./models
 COPY server ./server
 COPY loadtest ./loadtest
+COPY experiments ./experiments
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 exitserve
 

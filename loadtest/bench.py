@@ -1,7 +1,7 @@
 """The speed benchmark behind docs/RESULTS.md: one command, ratios measured side by side.
 
-    python -m loadtest.bench library --checkpoint server/default_model --data ../shared/data/glue/SST-2
-    python -m loadtest.bench server  --checkpoint server/default_model --data ../shared/data/glue/SST-2 \
+    python -m exitserve.loadtest.bench library --checkpoint server/default_model --data ../shared/data/glue/SST-2
+    python -m exitserve.loadtest.bench server  --checkpoint server/default_model --data ../shared/data/glue/SST-2 \
         --concurrency 1,4,16,64 --duration 10 --out docs/results/bench
 
 library: wall-clock of the layer-by-layer engine on the dev split at batch 1 and 32, exits on (the
@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loadtest.loadgen import run_load
-from loadtest.servers import exitserve_command, free_port, infinity_command, peer_command, running
-from models.checkpoint import load_checkpoint
-from models.data import load_examples
-from models.encoding import encode
-from models.evaluation import wall_clock
-from models.export import export_hf
-from models.inference import predict
+from exitserve.loadtest.loadgen import run_load
+from exitserve.loadtest.servers import exitserve_command, free_port, infinity_command, peer_command, running
+from exitserve.models.checkpoint import load_checkpoint
+from exitserve.models.data import load_examples
+from exitserve.models.encoding import encode
+from exitserve.models.evaluation import wall_clock
+from exitserve.models.export import export_hf
+from exitserve.models.inference import predict
 
 
 def machine() -> dict:
@@ -195,7 +195,7 @@ def plot(report: dict, stem: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m exitserve.loadtest.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["library", "server", "all"])
     p.add_argument("--checkpoint", default="server/default_model")

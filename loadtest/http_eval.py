@@ -1,8 +1,8 @@
 """Score a served model through HTTP: accuracy (or the task metric) on a dev split, the server's
 own `exitserve_average_layers_saved`, and latency at concurrency 1 (one text per request).
 
-    python -m loadtest.http_eval --checkpoint server/default_model --data ../shared/data/glue/SST-2
-    python -m loadtest.http_eval --url http://127.0.0.1:8000 --data ../shared/data/glue/SST-2
+    python -m exitserve.loadtest.http_eval --checkpoint server/default_model --data ../shared/data/glue/SST-2
+    python -m exitserve.loadtest.http_eval --url http://127.0.0.1:8000 --data ../shared/data/glue/SST-2
 
 With --checkpoint it starts `exitserve serve` on a free loopback port and stops it afterwards (so the
 metrics count only this run); with --url it uses a running server (loopback only).
@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-from loadtest.loadgen import check_loopback
-from loadtest.servers import exitserve_command, free_port, running
-from models.data import ColumnOptions, load_examples
-from models.metrics import all_scores
+from exitserve.loadtest.loadgen import check_loopback
+from exitserve.loadtest.servers import exitserve_command, free_port, running
+from exitserve.models.data import ColumnOptions, load_examples
+from exitserve.models.scores import all_scores
 
 
 def scrape(text: str, name: str) -> float | None:
@@ -66,7 +66,7 @@ def http_eval(base: str, data: str, split: str, max_samples: int | None) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m loadtest.http_eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m exitserve.loadtest.http_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="start `exitserve serve CHECKPOINT` for the run")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from loadtest.http_client import Client
+from exitserve.loadtest.http_client import Client
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -1,7 +1,7 @@
 """The peer: what a user writes by hand to serve a Hugging Face classifier -- FastAPI + a
 transformers `pipeline`, no exits. Same request shape as exitserve's /predict (text, list of texts).
 
-    PEER_MODEL=path/to/exported-hf-model uvicorn loadtest.peer_pipeline:app --port 8001
+    PEER_MODEL=path/to/exported-hf-model uvicorn exitserve.loadtest.peer_pipeline:app --port 8001
 """
 
 from __future__ import annotations

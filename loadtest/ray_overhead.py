@@ -1,6 +1,6 @@
 """Ray Serve vs plain uvicorn: closed-loop throughput of one checkpoint on one machine, in one run.
 
-    python -m loadtest.ray_overhead [--checkpoint DIR] [--concurrency 1,4,16] [--duration 10] [--rounds 3]
+    python -m exitserve.loadtest.ray_overhead [--checkpoint DIR] [--concurrency 1,4,16] [--duration 10] [--rounds 3]
 
 Each round starts `exitserve serve CKPT` (one uvicorn process), sweeps the concurrencies with the
 same closed-loop client (loadtest/loadgen.py) and stops it; then the same with `--ray` (a local Ray
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-from loadtest.loadgen import run_load
-from loadtest.servers import exitserve_command, free_port, running
+from exitserve.loadtest.loadgen import run_load
+from exitserve.loadtest.servers import exitserve_command, free_port, running
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.json"
 
@@ -39,7 +39,7 @@ def sweep(command: Callable[[int], list[str]], env: dict, concurrencies: list[in
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m loadtest.ray_overhead", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m exitserve.loadtest.ray_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="server/default_model")
     p.add_argument("--concurrency", default="1,4,16")

@@ -24,11 +24,11 @@ def exitserve_command(checkpoint: str | Path | None, port: int, *settings: str) 
     """`exitserve serve` on 127.0.0.1:port; checkpoint None serves the embedded default model."""
     ckpt = [str(checkpoint)] if checkpoint else []
     sets = [arg for item in settings for arg in ("--set", item)]
-    return [sys.executable, "-m", "models.cli", "serve", *ckpt, "--host", "127.0.0.1", "--port", str(port), *sets]
+    return [sys.executable, "-m", "exitserve", "serve", *ckpt, "--host", "127.0.0.1", "--port", str(port), *sets]
 
 
 def peer_command(model_dir: str | Path, port: int) -> tuple[list[str], dict]:
-    cmd = [sys.executable, "-m", "uvicorn", "loadtest.peer_pipeline:app", "--port", str(port),
+    cmd = [sys.executable, "-m", "uvicorn", "exitserve.loadtest.peer_pipeline:app", "--port", str(port),
            "--host", "127.0.0.1", "--log-level", "warning"]
     return cmd, {"PEER_MODEL": str(model_dir)}
 

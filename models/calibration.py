@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from datetime import date
 
-from models.checkpoint import Checkpoint, ExitConfig
-from models.evaluation import evaluate
+from exitserve.models.checkpoint import Checkpoint, ExitConfig
+from exitserve.models.evaluation import evaluate
 
 
 def choose_threshold(sweep_rows: list[dict], final_score: float, min_relative_score: float) -> dict:

@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from models.criteria import CRITERIA, ExitCriterion, expand_thresholds
-from models.early_exit import EarlyExitModel
-from models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
+from exitserve.models.criteria import CRITERIA, ExitCriterion, expand_thresholds
+from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
 
 SCHEMA_VERSION = 1
 EXIT_CONFIG = "exit_config.json"

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from models.tasks import CLASSIFICATION, REGRESSION, TaskSpec, glue_task
+from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec, glue_task
 
 # Quirks of the GLUE TSV files, per task: renamed columns, or the columns of a headerless file.
 GLUE_RENAME = {

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from models.backbones import LayerStepper, resolve_backbone
+from exitserve.models.backbones import LayerStepper, resolve_backbone
 
 
 @dataclass

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.checkpoint import Checkpoint
-from models.criteria import ExitCriterion
-from models.data import ColumnOptions, Examples, load_examples
-from models.early_exit import AllExits
-from models.encoding import encode
-from models.inference import predict, record_all_layers, simulate_exits
-from models.metrics import all_scores
-from models.tasks import TaskSpec
+from exitserve.models.checkpoint import Checkpoint
+from exitserve.models.criteria import ExitCriterion
+from exitserve.models.data import ColumnOptions, Examples, load_examples
+from exitserve.models.early_exit import AllExits
+from exitserve.models.encoding import encode
+from exitserve.models.inference import predict, record_all_layers, simulate_exits
+from exitserve.models.scores import all_scores
+from exitserve.models.tasks import TaskSpec
 
 # The sweep is fine enough for calibration; the printed table and the timing use a few points.
 SWEEP_GRID = [round(t, 3) for t in np.arange(0.0, 1.0, 0.01)] + [0.995, 0.999, 1.0]

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from models.checkpoint import Checkpoint
-from models.encoding import collate, encode
+from exitserve.models.checkpoint import Checkpoint
+from exitserve.models.encoding import collate, encode
 
 # family -> (prefix of the encoder in the HF classifier, names of its pooler dense and output layer)
 HEADS = {

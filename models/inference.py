@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models.criteria import ExitCriterion, exits_now
-from models.early_exit import AllExits, EarlyExitModel
-from models.encoding import Encoded, collate
+from exitserve.models.criteria import ExitCriterion, exits_now
+from exitserve.models.early_exit import AllExits, EarlyExitModel
+from exitserve.models.encoding import Encoded, collate
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.early_exit import AllExits
+from exitserve.models.early_exit import AllExits
 
 STRATEGIES = ("alternating", "alternating-step", "joint", "two-stage", "weighted", "self-distill", "raw")
 MULTI_EPOCH = ("alternating", "two-stage")

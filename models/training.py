@@ -21,14 +21,14 @@ from transformers import (
     set_seed,
 )
 
-from models.backbones import resolve_backbone
-from models.checkpoint import ExitConfig, save_checkpoint
-from models.data import ColumnOptions, Examples, load_examples
-from models.early_exit import EarlyExitModel
-from models.encoding import Encoded, collate, encode
-from models.evaluation import per_layer_scores
-from models.inference import record_all_layers
-from models.strategies import MULTI_EPOCH, STRATEGIES, objective_loss, phase_for
+from exitserve.models.backbones import resolve_backbone
+from exitserve.models.checkpoint import ExitConfig, save_checkpoint
+from exitserve.models.data import ColumnOptions, Examples, load_examples
+from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.encoding import Encoded, collate, encode
+from exitserve.models.evaluation import per_layer_scores
+from exitserve.models.inference import record_all_layers
+from exitserve.models.strategies import MULTI_EPOCH, STRATEGIES, objective_loss, phase_for
 
 
 @dataclass

@@ -21,10 +21,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.encoding import InputTooLong
-from server.errors import APIError, error_response, install_error_handlers
-from server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped
-from server.schemas import (
+from exitserve.models.encoding import InputTooLong
+from exitserve.server.errors import APIError, error_response, install_error_handlers
+from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped
+from exitserve.server.schemas import (
     ErrorResponse,
     InfoResponse,
     LayerTraceOut,
@@ -33,8 +33,8 @@ from server.schemas import (
     PredictResult,
     StatusResponse,
 )
-from server.service import Outcome, PredictionService
-from server.settings import Settings
+from exitserve.server.service import Outcome, PredictionService
+from exitserve.server.settings import Settings
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 500, 503)}
 router = APIRouter()

@@ -15,11 +15,11 @@ import threading
 
 import uvicorn
 
-from models.backbones import BackboneError
-from models.checkpoint import CheckpointError
-from server.app import create_app
-from server.service import PredictionService
-from server.settings import Settings
+from exitserve.models.backbones import BackboneError
+from exitserve.models.checkpoint import CheckpointError
+from exitserve.server.app import create_app
+from exitserve.server.service import PredictionService
+from exitserve.server.settings import Settings
 
 log = logging.getLogger("exitserve")
 

@@ -32,22 +32,19 @@ from prometheus_client import start_http_server
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
-from starlette.middleware import Middleware
 
-from models.backbones import BackboneError
-from models.checkpoint import CheckpointError
-from server.app import create_app
-from server.errors import error_response
-from server.service import PredictionService
-from server.settings import Settings
+from exitserve.models.backbones import BackboneError
+from exitserve.models.checkpoint import CheckpointError
+from exitserve.server.app import create_app
+from exitserve.server.service import PredictionService
+from exitserve.server.settings import Settings
 
 log = logging.getLogger("exitserve")
 
 APP_NAME = "exitserve"
 REPLICA_HEADER = "x-exitserve-replica"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "server.ray_serve:proxy_middlewares"
-RAY_ERROR_TYPES = {408: "timeout", 429: "overloaded", 503: "unavailable"}
+PROXY_CALLBACK = "exitserve.server.ray_proxy:proxy_middlewares"
 
 
 class RayOptions(BaseModel):
@@ -155,47 +152,9 @@ def build(settings: Settings, options: RayOptions) -> Application:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """For `serve run server.ray_serve:app_builder` and config files; `args` as `AppArgs`."""
+    """For `serve run exitserve.server.ray_serve:app_builder` and config files; `args` as `AppArgs`."""
     parsed = AppArgs.model_validate(args)
     return build(Settings(**parsed.settings), parsed.ray)
-
-
-class RayErrorFormat:
-    """Pure ASGI, in Ray's proxy: Ray's own plain-text 408/429/503 answers become exitserve errors.
-
-    The replicas' own errors are JSON already and pass through untouched."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        held: dict[str, Any] = {}
-
-        async def rewrite(message):
-            if message["type"] == "http.response.start":
-                headers = dict(message.get("headers", []))
-                if message["status"] in RAY_ERROR_TYPES and headers.get(b"content-type", b"").startswith(b"text/"):
-                    held.update(start=message, body=b"", headers=headers)
-                    return
-            elif held and message["type"] == "http.response.body":
-                held["body"] += message.get("body", b"")
-                if message.get("more_body"):
-                    return
-                status = held["start"]["status"]
-                retry = held["headers"].get(b"retry-after")
-                response = error_response(status, RAY_ERROR_TYPES[status], held["body"].decode(errors="replace"),
-                                          {"Retry-After": retry.decode()} if retry else None)
-                return await response(scope, receive, send)
-            await send(message)
-
-        await self.app(scope, receive, rewrite)
-
-
-def proxy_middlewares() -> list[Middleware]:
-    """Ray's proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=server.ray_serve:proxy_middlewares`)."""
-    return [Middleware(RayErrorFormat)]
 
 
 def _wait_for_stop_signal() -> None:

@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.criteria import ExitCriterion, exits_now
-from models.early_exit import EarlyExitModel
-from models.encoding import Encoded
-from models.inference import LayerTrace, Prediction, decode
+from exitserve.models.criteria import ExitCriterion, exits_now
+from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.encoding import Encoded
+from exitserve.models.inference import LayerTrace, Prediction, decode
 
 
 class QueueFull(Exception):

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from models.checkpoint import Checkpoint, load_checkpoint
-from models.encoding import encode
-from models.inference import Prediction
-from server.metrics import Metrics
-from server.scheduler import LayerScheduler, Sample, StepStats
-from server.settings import Settings
+from exitserve.models.checkpoint import Checkpoint, load_checkpoint
+from exitserve.models.encoding import encode
+from exitserve.models.inference import Prediction
+from exitserve.server.metrics import Metrics
+from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
+from exitserve.server.settings import Settings
 
 WARMUP_TEXT = "warming up"
 

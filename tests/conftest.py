@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from models.backbones import resolve_backbone
-from models.checkpoint import ExitConfig
-from models.early_exit import EarlyExitModel
+from exitserve.models.backbones import resolve_backbone
+from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.early_exit import EarlyExitModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GLUE = FIXTURES / "glue"
@@ -73,7 +73,7 @@ def sst2_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A saved SST-2-style classifier on the tiny random backbone."""
-    from models.checkpoint import save_checkpoint
+    from exitserve.models.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-sst2"
     return save_checkpoint(path, make_model(seed=7), tokenizer, make_exit_config(default_threshold=0.55))
@@ -82,7 +82,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pair_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A saved STS-B-style pair regressor with the LTE module."""
-    from models.checkpoint import save_checkpoint
+    from exitserve.models.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-stsb"
     model = make_model(num_outputs=1, use_lte=True, seed=8)

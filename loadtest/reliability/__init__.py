@@ -2,9 +2,9 @@
 process that the run starts itself on 127.0.0.1 (loopback only; every phase is bounded in time and
 in request count).
 
-    python -m loadtest.reliability overload   # ~4x the sustained rate, then back to normal
-    python -m loadtest.reliability soak       # ~70% of the sustained rate for 10 minutes
-    python -m loadtest.reliability shutdown   # SIGTERM under load
+    python -m exitserve.loadtest.reliability overload   # ~4x the sustained rate, then back to normal
+    python -m exitserve.loadtest.reliability soak       # ~70% of the sustained rate for 10 minutes
+    python -m exitserve.loadtest.reliability shutdown   # SIGTERM under load
 
 Modules: `process` (the server process; its memory and CPU), `client` (a light open-loop HTTP
 client and the request records), `report` (statistics, JSON, table, plot), `scenarios` (the runs).

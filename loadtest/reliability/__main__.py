@@ -1,16 +1,16 @@
-"""`python -m loadtest.reliability {overload,soak,shutdown} [options]`; see loadtest/reliability/__init__.py."""
+"""`python -m exitserve.loadtest.reliability {overload,soak,shutdown} [options]`: see its __init__.py."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from loadtest.reliability.scenarios import FIXTURE_TEXTS, Options, load_texts, overload, soak
-from loadtest.reliability.shutdown import shutdown
+from exitserve.loadtest.reliability.scenarios import FIXTURE_TEXTS, Options, load_texts, overload, soak
+from exitserve.loadtest.reliability.shutdown import shutdown
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.reliability", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m exitserve.loadtest.reliability", description=__doc__)
     parser.add_argument("run", choices=["overload", "soak", "shutdown"])
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the embedded model)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loadtest.http_client import Client
+from exitserve.loadtest.http_client import Client
 
 
 @dataclass

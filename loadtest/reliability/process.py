@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from loadtest.servers import exitserve_command, free_port, wait_ready
+from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
 
 HOST = "127.0.0.1"  # loopback only, always (exitserve_command binds the server there)
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from loadtest.reliability.client import Phase, Record
+from exitserve.loadtest.reliability.client import Phase, Record
 
 MIB = 2**20
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from loadtest.http_client import Client
-from loadtest.reliability.client import Phase, Record, drive, references, sustained_rate
-from loadtest.reliability.process import HOST, ServerProcess
-from loadtest.reliability.report import (
+from exitserve.loadtest.http_client import Client
+from exitserve.loadtest.reliability.client import Phase, Record, drive, references, sustained_rate
+from exitserve.loadtest.reliability.process import HOST, ServerProcess
+from exitserve.loadtest.reliability.report import (
     MIB,
     cpu_cores,
     pct,

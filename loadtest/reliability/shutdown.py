@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from loadtest.http_client import Client
-from loadtest.reliability.client import Phase, Record
-from loadtest.reliability.process import HOST, ServerProcess
-from loadtest.reliability.report import ms, summarise, windows
-from loadtest.reliability.scenarios import Options, finish, prepare, run_phases
+from exitserve.loadtest.http_client import Client
+from exitserve.loadtest.reliability.client import Phase, Record
+from exitserve.loadtest.reliability.process import HOST, ServerProcess
+from exitserve.loadtest.reliability.report import ms, summarise, windows
+from exitserve.loadtest.reliability.scenarios import Options, finish, prepare, run_phases
 
 
 async def poll_ready(port: int, log: list[tuple[float, str]], every: float = 0.01, limit: float = 120) -> None:

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from loadtest.bench import main
-from loadtest.loadgen import run_load
-from loadtest.servers import exitserve_command, free_port, running
+from exitserve.loadtest.bench import main
+from exitserve.loadtest.loadgen import run_load
+from exitserve.loadtest.servers import exitserve_command, free_port, running
 from tests.conftest import GLUE, TINY_LAYERS
 
 
@@ -56,7 +56,7 @@ def test_locustfile_runs_headless_without_failures(tiny_checkpoint, tmp_path):
 
 
 def test_http_eval_scores_a_served_model(tiny_checkpoint, tmp_path):
-    from loadtest.http_eval import main as http_eval_main
+    from exitserve.loadtest.http_eval import main as http_eval_main
 
     out = tmp_path / "h.json"
     http_eval_main(["--checkpoint", str(tiny_checkpoint), "--data", str(GLUE / "SST-2"), "--max-samples", "20",

@@ -12,7 +12,7 @@ from transformers import (
     RobertaConfig,
 )
 
-from models.backbones import BackboneError, LayerStepper, resolve_backbone
+from exitserve.models.backbones import BackboneError, LayerStepper, resolve_backbone
 
 SMALL = dict(vocab_size=200, max_position_embeddings=64)
 CONFIGS = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from exitserve.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.conftest import make_exit_config, make_model
 
 
@@ -113,7 +113,7 @@ def test_invalid_exit_config_values(ckpt_dir):
 def test_reference_cls_pooling_round_trips_and_unknown_pooling_is_refused(tmp_path, tokenizer):
     from transformers import BertModel
 
-    from models.early_exit import EarlyExitModel
+    from exitserve.models.early_exit import EarlyExitModel
     from tests.conftest import tiny_bert_config
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.criteria import ExitCriterion, exits_now, expand_thresholds
+from exitserve.models.criteria import ExitCriterion, exits_now, expand_thresholds
 
 
 def test_max_prob_and_entropy_are_confidences_in_0_1():

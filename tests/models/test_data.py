@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from models.data import ColumnOptions, load_examples
+from exitserve.models.data import ColumnOptions, load_examples
 from tests.conftest import GLUE
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from models.calibration import choose_threshold
-from models.checkpoint import ExitConfig, load_checkpoint, save_checkpoint
-from models.cli import main
+from exitserve.cli import main
+from exitserve.models.calibration import choose_threshold
+from exitserve.models.checkpoint import ExitConfig, load_checkpoint, save_checkpoint
 from tests.conftest import GLUE, TINY_LAYERS, make_exit_config, make_model
 
 DATA = str(GLUE / "SST-2")

@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from models.checkpoint import load_checkpoint
-from models.cli import main
-from models.encoding import collate, encode
+from exitserve.cli import main
+from exitserve.models.checkpoint import load_checkpoint
+from exitserve.models.encoding import collate, encode
 
 
 def test_export_reproduces_the_final_exit(tiny_checkpoint, tmp_path, sst2_texts):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.criteria import ExitCriterion
-from models.early_exit import EarlyExitModel
-from models.encoding import encode
-from models.inference import predict, predict_batch, record_all_layers, simulate_exits
+from exitserve.models.criteria import ExitCriterion
+from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.encoding import encode
+from exitserve.models.inference import predict, predict_batch, record_all_layers, simulate_exits
 from tests.conftest import TINY_LAYERS, make_model
 
 

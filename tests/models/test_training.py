@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from models.data import load_examples
-from models.encoding import encode
-from models.strategies import Phase, objective_loss, phase_for
-from models.training import Collator, EarlyExitTrainer, TextDataset, TrainOptions, train
+from exitserve.models.data import load_examples
+from exitserve.models.encoding import encode
+from exitserve.models.strategies import Phase, objective_loss, phase_for
+from exitserve.models.training import Collator, EarlyExitTrainer, TextDataset, TrainOptions, train
 from tests.conftest import GLUE, TINY_LAYERS, make_model
 
 
@@ -100,7 +100,7 @@ def test_phase_schedule():
 
 
 def test_lte_regression_target_is_one_minus_tanh_of_the_error():
-    from models.early_exit import AllExits
+    from exitserve.models.early_exit import AllExits
 
     logits = torch.tensor([[[1.0], [3.0]], [[2.0], [2.5]]])  # [L=2, B=2, 1]
     labels = torch.tensor([2.0, 2.5])
@@ -115,7 +115,7 @@ def test_lte_regression_target_is_one_minus_tanh_of_the_error():
 
 
 def test_train_end_to_end_writes_a_loadable_checkpoint_with_dev_scores(tmp_path, tiny_backbone):
-    from models.checkpoint import load_checkpoint
+    from exitserve.models.checkpoint import load_checkpoint
 
     out = train(TrainOptions(
         backbone=tiny_backbone, data=str(GLUE / "STS-B"), output=str(tmp_path / "m"), epochs=2,

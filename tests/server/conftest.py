@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
+from exitserve.server.app import create_app
+from exitserve.server.settings import Settings
 
 
 def make_client(checkpoint, **settings) -> TestClient:

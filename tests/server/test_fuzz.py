@@ -25,8 +25,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.app import create_app
-from server.settings import Settings
+from exitserve.server.app import create_app
+from exitserve.server.settings import Settings
 
 EXAMPLES = int(os.environ.get("EXITSERVE_FUZZ_EXAMPLES", "150"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,

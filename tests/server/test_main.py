@@ -13,10 +13,10 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from loadtest.servers import exitserve_command, free_port, wait_ready
-from server.app import create_app
-from server.main import DrainingServer, run
-from server.settings import Settings
+from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
+from exitserve.server.app import create_app
+from exitserve.server.main import DrainingServer, run
+from exitserve.server.settings import Settings
 
 
 def serve(checkpoint, port: int, *extra: str) -> subprocess.Popen:

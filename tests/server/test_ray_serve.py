@@ -25,14 +25,15 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from loadtest.servers import free_port
-from server.app import create_app
-from server.settings import Settings
+from exitserve.loadtest.servers import free_port
+from exitserve.server.app import create_app
+from exitserve.server.settings import Settings
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install '.[ray]')")
 from ray.serve import Application
 
-from server.ray_serve import AppArgs, ExitServeReplica, RayErrorFormat, app_builder
+from exitserve.server.ray_proxy import RayErrorFormat
+from exitserve.server.ray_serve import AppArgs, ExitServeReplica, app_builder
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the acting is wooden and the plot is a mess", "fine",
          "an utter delight"]
@@ -98,7 +99,7 @@ def test_two_ray_replicas_answer_like_the_plain_server_and_leave_no_process(tiny
     log_path = Path(ray_tmp) / "serve.log"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     command = [
-        sys.executable, "-m", "models.cli", "serve", str(tiny_checkpoint), "--ray", "--port", str(port),
+        sys.executable, "-m", "exitserve.cli", "serve", str(tiny_checkpoint), "--ray", "--port", str(port),
         "--replicas", "2", "--num-cpus-per-replica", "1", "--max-ongoing-requests", "2",
         "--max-queued-requests", "4", "--metrics-port", str(metrics_port),
     ]

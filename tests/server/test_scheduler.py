@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from models.criteria import ExitCriterion
-from models.early_exit import EarlyExitModel
-from models.encoding import encode
-from models.inference import predict
-from server.scheduler import DeadlineExceeded, LayerScheduler, QueueFull, Sample
+from exitserve.models.criteria import ExitCriterion
+from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.encoding import encode
+from exitserve.models.inference import predict
+from exitserve.server.scheduler import DeadlineExceeded, LayerScheduler, QueueFull, Sample
 from tests.conftest import TINY_LAYERS, make_model
 
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from server.service import PredictionService
-from server.settings import Settings
+from exitserve.server.service import PredictionService
+from exitserve.server.settings import Settings
 from tests.conftest import TINY_LAYERS
 
 

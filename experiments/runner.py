@@ -1,7 +1,7 @@
 """The paper's quality experiments, reproduced: one resumable command per plan.
 
-    python -m loadtest.experiments run --plan exp1-minilm [--runs runs/experiments] [--out docs/results/experiments]
-    python -m loadtest.experiments report [--out docs/results/experiments]
+    python -m exitserve.experiments run --plan exp1-minilm [--runs runs/experiments] [--out docs/results/experiments]
+    python -m exitserve.experiments report [--out docs/results/experiments]
 
 `run` trains every configuration of a plan that has no checkpoint yet (models.training, the HF
 Trainer), evaluates it on the dev split with one recorded pass (layer-wise scores + threshold
@@ -29,11 +29,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from models.calibration import choose_threshold
-from models.checkpoint import load_checkpoint
-from models.encoding import encode
-from models.evaluation import evaluate, load_split_for, wall_clock
-from models.training import TrainOptions, train
+from exitserve.models.calibration import choose_threshold
+from exitserve.models.checkpoint import load_checkpoint
+from exitserve.models.encoding import encode
+from exitserve.models.evaluation import evaluate, load_split_for, wall_clock
+from exitserve.models.training import TrainOptions, train
 
 GLUE = "../shared/data/glue"
 ALL_STRATEGIES = ("raw", "two-stage", "joint", "alternating", "weighted", "self-distill")
@@ -113,7 +113,7 @@ def tradeoff(spec: RunSpec, runs: Path, out: Path, glue: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m loadtest.experiments", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m exitserve.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report"])
     p.add_argument("--plan", choices=list(PLANS), action="append", default=None)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.command == "report":
-        from loadtest.experiment_report import write_report
+        from exitserve.experiments.report import write_report
 
         print(write_report(out))
         return

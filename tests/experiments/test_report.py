@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from loadtest.experiment_report import findings, write_report
+from exitserve.experiments.report import findings, write_report
 
 
 def report(task: str, backbone: str, strategy: str, scores: list[float], sweep: list[dict] | None = None) -> dict:

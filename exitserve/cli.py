@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from models.criteria import CRITERIA
-from models.data import ColumnOptions
-from models.strategies import STRATEGIES
+from exitserve.models.criteria import CRITERIA
+from exitserve.models.data import ColumnOptions
+from exitserve.models.strategies import STRATEGIES
 
 DEFAULT_DATA = "../shared/data/glue/SST-2"
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from models.training import TrainOptions, train
+    from exitserve.models.training import TrainOptions, train
 
     options = TrainOptions(
         backbone=args.backbone, data=args.data, output=args.output,
@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         columns=_columns(args),
     )
     path = train(options)
-    from models.checkpoint import ExitConfig
+    from exitserve.models.checkpoint import ExitConfig
 
     scores = ExitConfig.read(path).dev_scores
     for row in scores.get("per_layer", []):
@@ -118,8 +118,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from models.checkpoint import load_checkpoint
-    from models.evaluation import TIMED_THRESHOLDS, evaluate, format_report, write_report
+    from exitserve.models.checkpoint import load_checkpoint
+    from exitserve.models.evaluation import TIMED_THRESHOLDS, evaluate, format_report, write_report
 
     ckpt = load_checkpoint(args.checkpoint)
     columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
@@ -132,8 +132,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from models.calibration import calibrate
-    from models.checkpoint import load_checkpoint
+    from exitserve.models.calibration import calibrate
+    from exitserve.models.checkpoint import load_checkpoint
 
     cfg = calibrate(load_checkpoint(args.checkpoint), args.data, args.split, args.min_relative_score,
                     args.max_samples)
@@ -141,22 +141,22 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from models.checkpoint import load_checkpoint
-    from models.export import export_hf
+    from exitserve.models.checkpoint import load_checkpoint
+    from exitserve.models.export import export_hf
 
     print(f"exported to {export_hf(load_checkpoint(args.checkpoint), args.output)}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.main import run
-    from server.settings import Settings
+    from exitserve.server.main import run
+    from exitserve.server.settings import Settings
 
     overrides = dict(item.split("=", 1) for item in args.set)
     for name, value in (("checkpoint", args.checkpoint), ("host", args.host), ("port", args.port)):
         if value is not None:
             overrides[name] = value
     if args.ray:
-        from server import ray_serve
+        from exitserve.server import ray_serve
 
         options = ray_serve.RayOptions(
             num_replicas=args.replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus_per_replica,
@@ -173,8 +173,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calib
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from models.backbones import BackboneError
-    from models.checkpoint import CheckpointError
+    from exitserve.models.backbones import BackboneError
+    from exitserve.models.checkpoint import CheckpointError
 
     try:
         return COMMANDS[args.command](args) or 0

@@ -1,6 +1,6 @@
 import pytest
 
-from models.metrics import all_scores, score
+from exitserve.models.scores import all_scores, score
 
 
 def test_metrics_on_known_values():

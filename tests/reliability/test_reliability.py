@@ -23,12 +23,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import CheckpointError
-from server import app as app_module
-from server.app import create_app
-from server.main import run
-from server.service import PredictionService
-from server.settings import Settings
+from exitserve.models.checkpoint import CheckpointError
+from exitserve.server import app as app_module
+from exitserve.server.app import create_app
+from exitserve.server.main import run
+from exitserve.server.service import PredictionService
+from exitserve.server.settings import Settings
 from tests.conftest import TINY_LAYERS
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is a mess", "fine", "an utter delight"]

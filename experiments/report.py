@@ -1,4 +1,4 @@
-"""Tables and plots for the quality experiments, from the per-run JSONs of loadtest.experiments."""
+"""Tables and plots for the quality experiments, from the per-run JSONs of experiments.runner."""
 
 from __future__ import annotations
 

@@ -1,0 +1,7 @@
+"""`python -m exitserve ...` is the `exitserve` command."""
+
+import sys
+
+from exitserve.cli import main
+
+sys.exit(main())
