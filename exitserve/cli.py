@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 from exitserve.models.criteria import CRITERIA
-from exitserve.models.data import ColumnOptions
+from exitserve.models.data import DEFAULT_DATA, ColumnOptions
 from exitserve.models.strategies import STRATEGIES
-
-DEFAULT_DATA = "../shared/data/glue/SST-2"
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:

@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from exitserve.models.calibration import choose_threshold
 from exitserve.models.checkpoint import load_checkpoint
+from exitserve.models.data import GLUE_DIR
 from exitserve.models.encoding import encode
 from exitserve.models.evaluation import evaluate, load_split_for, wall_clock
 from exitserve.models.training import TrainOptions, train
 
-GLUE = "../shared/data/glue"
 ALL_STRATEGIES = ("raw", "two-stage", "joint", "alternating", "weighted", "self-distill")
 TRADEOFF_THRESHOLDS = (0.6, 0.8, 0.95)
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plan", choices=list(PLANS), action="append", default=None)
     p.add_argument("--runs", default="runs/experiments", help="checkpoints (large; not committed)")
     p.add_argument("--out", default="docs/results/experiments", help="JSON reports, tables, plots")
-    p.add_argument("--glue", default=GLUE)
+    p.add_argument("--glue", default=GLUE_DIR)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from exitserve.loadtest.loadgen import run_load
 from exitserve.loadtest.servers import exitserve_command, free_port, infinity_command, peer_command, running
 from exitserve.models.checkpoint import load_checkpoint
-from exitserve.models.data import load_examples
+from exitserve.models.data import DEFAULT_DATA, load_examples
 from exitserve.models.encoding import encode
 from exitserve.models.evaluation import wall_clock
 from exitserve.models.export import export_hf
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["library", "server", "all"])
     p.add_argument("--checkpoint", default="server/default_model")
-    p.add_argument("--data", default="../shared/data/glue/SST-2")
+    p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--threads", type=int, default=None, help="torch threads (library run and servers)")

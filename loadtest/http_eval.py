@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from exitserve.loadtest.loadgen import check_loopback
 from exitserve.loadtest.servers import exitserve_command, free_port, running
-from exitserve.models.data import ColumnOptions, load_examples
+from exitserve.models.data import DEFAULT_DATA, ColumnOptions, load_examples
 from exitserve.models.scores import all_scores
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="start `exitserve serve CHECKPOINT` for the run")
     target.add_argument("--url", help="a running server on loopback")
-    p.add_argument("--data", default="../shared/data/glue/SST-2")
+    p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--split", default="dev")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the report here")

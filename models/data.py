@@ -6,12 +6,16 @@
   - a CSV, TSV or JSONL file, with `--text-column`, `--pair-column`, `--label-column`;
   - a Hugging Face dataset name such as `glue/sst2` or `user/dataset` (needs `pip install
     exitserve[hub]` and internet; the split `dev` maps to `validation`).
+
+`load_texts` reads unlabelled text (a `.txt` file: one input per line, a pair as two tab-separated
+columns) for what needs no labels: consistency calibration and exits distilled from the final layer.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,13 +29,17 @@ GLUE_RENAME = {
 }
 GLUE_HEADERLESS = {"cola": ["source", "label", "original_label", "sentence"]}
 SPLIT_FILES = {"dev": ("dev", "validation"), "validation": ("validation", "dev"), "train": ("train",)}
+# Where the GLUE task directories are (../shared/data/glue beside the repository), unless EXITSERVE_GLUE_DIR says.
+GLUE_DIR = os.environ.get("EXITSERVE_GLUE_DIR", "../shared/data/glue")
+DEFAULT_DATA = f"{GLUE_DIR}/SST-2"
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")
 
 
 @dataclass
 class Examples:
     texts: list[str]
     pairs: list[str] | None
-    labels: list[int] | list[float]
+    labels: list[int] | list[float] | None  # None: unlabelled text (`load_texts`)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -44,7 +52,7 @@ class Examples:
         return Examples(
             [self.texts[i] for i in rows],
             [self.pairs[i] for i in rows] if self.pairs is not None else None,
-            [self.labels[i] for i in rows],  # type: ignore[misc]
+            [self.labels[i] for i in rows] if self.labels is not None else None,  # type: ignore[misc]
         )
 
 
@@ -65,6 +73,9 @@ def _read_table(path: Path, delimiter: str, fieldnames: list[str] | None) -> lis
 
 
 def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".txt":
+        raise ValueError(f"{path} is unlabelled text (one input per line); this command needs labelled data "
+                         "(a GLUE directory, CSV/TSV/JSONL with a label column)")
     if path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
@@ -78,11 +89,21 @@ def _glue_file(directory: Path, split: str) -> Path:
     raise FileNotFoundError(f"no {split} split (e.g. {split}.tsv) in {directory}")
 
 
+def _looks_local(data: str) -> bool:
+    """A path the user meant as a local file or directory (a hub name is `name` or `owner/name`)."""
+    return (
+        data.startswith(("/", ".", "~"))
+        or data.endswith(FILE_SUFFIXES)
+        or (os.sep in data and Path(data.split(os.sep)[0]).is_dir())
+    )
+
+
 def _hub_rows(name: str, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError as exc:
-        raise RuntimeError("Hugging Face datasets need: pip install 'exitserve[hub]'") from exc
+        raise ValueError(f"{name!r} is not a local file or directory; as a Hugging Face dataset name it needs "
+                         "pip install 'exitserve[hub]' (and internet)") from exc
     hf_split = "validation" if split == "dev" else split
     parts = name.split("/")
     config = parts[1] if parts[0] == "glue" and len(parts) == 2 else None
@@ -139,6 +160,8 @@ def load_examples(
         rows_name = glue.name if glue else path.name
     elif path.is_file():
         rows, rows_name = _read_file(path), path.name
+    elif _looks_local(data):
+        raise FileNotFoundError(f"--data {data}: no such file or directory")
     else:
         rows, rows_name = _hub_rows(data, split), data
     spec = _spec_for(rows_name, rows, options, label_names)
@@ -159,3 +182,21 @@ def _examples(spec: TaskSpec, rows: list[dict]) -> Examples:
             pairs.append(str(row.get(spec.pair_column) or ""))
         labels.append(float(raw) if spec.is_regression else spec.label_id(str(raw)))
     return Examples(texts, pairs if spec.pair_column else None, labels)
+
+
+def load_texts(data: str) -> Examples:
+    """Unlabelled inputs from a `.txt` file: one per line (blank lines skipped); a line with a tab is a
+    pair (text, second text). Every line must have the same shape."""
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {data}: no such file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{data}: no text")
+    columns = {line.count("\t") for line in lines}
+    if columns not in ({0}, {1}):
+        raise ValueError(f"{data}: every line must be one text, or two tab-separated texts (a pair)")
+    if columns == {0}:
+        return Examples(lines, None, None)
+    texts, pairs = zip(*(line.split("\t") for line in lines), strict=True)
+    return Examples(list(texts), list(pairs), None)

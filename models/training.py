@@ -23,7 +23,7 @@ from transformers import (
 
 from exitserve.models.backbones import resolve_backbone
 from exitserve.models.checkpoint import ExitConfig, save_checkpoint
-from exitserve.models.data import ColumnOptions, Examples, load_examples
+from exitserve.models.data import DEFAULT_DATA, ColumnOptions, Examples, load_examples
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import Encoded, collate, encode
 from exitserve.models.evaluation import per_layer_scores
@@ -34,7 +34,7 @@ from exitserve.models.strategies import MULTI_EPOCH, STRATEGIES, objective_loss,
 @dataclass
 class TrainOptions:
     backbone: str = "minilm-l6"
-    data: str = "../shared/data/glue/SST-2"
+    data: str = DEFAULT_DATA
     output: str = "runs/model"
     strategy: str = "alternating"
     epochs: int = 2

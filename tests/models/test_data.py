@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from exitserve.models.data import ColumnOptions, load_examples
+from exitserve.models.data import ColumnOptions, load_examples, load_texts
 from tests.conftest import GLUE
 
 
@@ -96,3 +96,27 @@ def test_subset_is_seeded_and_bounded():
     a, b = ex.subset(50, seed=1), ex.subset(50, seed=1)
     assert len(a) == 50 and a.texts == b.texts
     assert ex.subset(None, 0) is ex
+
+
+def test_a_missing_local_path_is_a_clear_error_not_a_hub_lookup(tmp_path):
+    for data in (str(tmp_path / "nope"), "./no-such-dir/SST-2", "missing.tsv", "tests/no-such-task"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory"):
+            load_examples(data, "dev")
+
+
+def test_unlabelled_text_files(tmp_path):
+    single = tmp_path / "texts.txt"
+    single.write_text("a fine film\n\n  \nawful\n")
+    ex = load_texts(str(single))
+    assert ex.texts == ["a fine film", "awful"] and ex.pairs is None and ex.labels is None
+    assert len(ex.subset(1, seed=0)) == 1
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a man sings\tsomeone sings\nit rains\tthe sun shines\n")
+    ex = load_texts(str(pairs))
+    assert ex.texts == ["a man sings", "it rains"] and ex.pairs == ["someone sings", "the sun shines"]
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("one text\na\tpair\n")
+    with pytest.raises(ValueError, match="tab-separated"):
+        load_texts(str(mixed))
+    with pytest.raises(ValueError, match="unlabelled"):
+        load_examples(str(single), "dev")
