@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from exitserve.models.backends import create_backend
 from exitserve.models.calibration import choose_threshold
 from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.data import GLUE_DIR
@@ -107,7 +108,7 @@ def tradeoff(spec: RunSpec, runs: Path, out: Path, glue: str) -> None:
     ckpt = load_checkpoint(runs / spec.name)
     _, rows = load_split_for(ckpt, f"{glue}/{spec.task}", "dev")
     samples = encode(ckpt.tokenizer, rows.texts, rows.pairs, ckpt.exit_config.max_length)
-    timing = wall_clock(ckpt, ckpt.exit_config.make_criterion(), samples, thresholds, batch_size=32)
+    timing = wall_clock(create_backend(ckpt), ckpt.exit_config.make_criterion(), samples, thresholds, batch_size=32)
     target.write_text(json.dumps({"run": spec.name, "calibrated_threshold": calibrated, "batch_size": 32,
                                   "samples": len(samples), "runs": timing}, indent=2) + "\n")
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from exitserve.loadtest.loadgen import run_load
 from exitserve.loadtest.servers import exitserve_command, free_port, infinity_command, peer_command, running
+from exitserve.models.backends import create_backend
 from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.data import DEFAULT_DATA, load_examples
 from exitserve.models.encoding import encode
@@ -55,25 +56,24 @@ def library(checkpoint_dir: str, data: str, max_samples: int | None, threads: in
     if threads:
         torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint_dir)
-    cfg = ckpt.exit_config
+    cfg, backend = ckpt.exit_config, create_backend(ckpt)
     texts = sentences(data, max_samples)
     samples = encode(ckpt.tokenizer, texts, max_length=cfg.max_length)
     criterion = cfg.make_criterion()
     threshold = cfg.thresholds()[0]
     rows = []
     for batch_size in (1, 32):
-        runs = wall_clock(ckpt, criterion, samples, [threshold, 1.0], batch_size)
+        runs = wall_clock(backend, criterion, samples, [threshold, 1.0], batch_size)
         on, off = runs[0], runs[1]
         speedup = off["seconds"] / on["seconds"]
         ideal = cfg.num_layers / on["mean_exit_layer"]
         rows.append({"batch_size": batch_size, "threshold": threshold, "exits_on_s": on["seconds"],
                      "exits_off_s": off["seconds"], "mean_exit_layer": on["mean_exit_layer"],
                      "speedup": speedup, "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal})
-    pad = ckpt.tokenizer.pad_token_id
     per_sample = []
     for s in tqdm(samples[:200], desc="batch-1 latency", unit="sample"):  # the first 200 inputs
         start = time.perf_counter()
-        predict(ckpt.model, criterion, [s], cfg.thresholds(), pad)
+        predict(backend, criterion, [s], cfg.thresholds())
         per_sample.append((time.perf_counter() - start) * 1000)
     return {"samples": len(samples), "num_layers": cfg.num_layers, "rows": rows,
             "model_p50_ms_batch1": statistics.median(per_sample)}

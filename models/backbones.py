@@ -6,7 +6,8 @@
   - anything else is passed through (a Hugging Face hub id or a local directory).
 
 `LayerStepper` wraps a Hugging Face encoder (BERT/MiniLM, RoBERTa, DistilBERT, MPNet) and exposes
-the three operations early exit needs: embed, run layer k, and the pretrained pooler (if any).
+what early exit needs: embed, the attention inputs of a batch (built once), run layer k, and the
+pretrained pooler (if any).
 Stepping through all layers gives the same hidden states as the stock forward (tests check this).
 """
 
@@ -17,6 +18,7 @@ import importlib.resources
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,6 +89,16 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
+@dataclass
+class AttentionInputs:
+    """What every layer of one batch needs besides the hidden states, built once per batch: the
+    attention mask in the form the backbone's attention takes (None: no padding to mask), and MPNet's
+    relative position bias."""
+
+    mask: torch.Tensor | None
+    position_bias: torch.Tensor | None = None
+
+
 class LayerStepper:
     """Runs a Hugging Face encoder one transformer layer at a time.
 
@@ -111,26 +123,25 @@ class LayerStepper:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    @property
-    def uses_token_type_ids(self) -> bool:
-        return self.family == "bert"
-
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.family == "bert":
             return self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         return self.encoder.embeddings(input_ids=input_ids)
 
-    def layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> AttentionInputs:
+        """The per-batch attention inputs for `hidden` `[B, S, H]` and its `[B, S]` mask."""
+        config = self.encoder.config
+        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
+        return AttentionInputs(mask, bias)
+
+    def layer(self, index: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
         """Run layer `index` (0-based) on `hidden`."""
-        mask = create_bidirectional_mask(
-            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
         block = self.layers[index]
         if self.family == "mpnet":
-            bias = self.encoder.encoder.compute_position_bias(hidden)
-            out = block(hidden, mask, bias)
+            out = block(hidden, attention.mask, attention.position_bias)
         else:
-            out = block(hidden, attention_mask=mask)
+            out = block(hidden, attention_mask=attention.mask)
         return out[0] if isinstance(out, tuple) else out
 
     def pretrained_pooler(self) -> nn.Linear | None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from exitserve.models.answers import answers
+
 CRITERIA = ("max-prob", "entropy", "lte", "patience")
 CLASSIFICATION_ONLY = ("max-prob", "entropy")
 
@@ -41,11 +43,16 @@ class ExitCriterion:
         if self.regression and self.name in CLASSIFICATION_ONLY:
             raise ValueError(f"criterion {self.name!r} needs class probabilities; use lte or patience")
 
-    def initial_memory(self, batch: int, device: torch.device) -> torch.Tensor | None:
+    @property
+    def has_memory(self) -> bool:
+        """Whether confidence depends on earlier layers (then every layer's exit must run)."""
+        return self.name == "patience"
+
+    def initial_memory(self, batch: int) -> torch.Tensor | None:
         """Per-row state for criteria with history: (previous answer, streak)."""
-        if self.name != "patience":
+        if not self.has_memory:
             return None
-        memory = torch.zeros(batch, 2, device=device)
+        memory = torch.zeros(batch, 2)
         memory[:, 0] = math.nan
         return memory
 
@@ -64,7 +71,7 @@ class ExitCriterion:
                 raise ValueError("criterion 'lte' needs a model trained with the LTE module")
             return lte.float(), memory
         assert memory is not None
-        answer = logits[:, 0].float() if self.regression else logits.argmax(-1).float()
+        answer = answers(logits, self.regression)
         previous, streak = memory[:, 0], memory[:, 1]
         same = (answer - previous).abs() < self.delta if self.regression else answer == previous
         streak = torch.where(same, streak + 1, torch.zeros_like(streak))

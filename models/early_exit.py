@@ -19,8 +19,8 @@
   it predicts how trustworthy that exit is (BERxiT's learned-to-exit module).
 
 `forward` runs every layer and returns every exit's output (training and "record all layers").
-`embed`, `run_layer` and `exit_outputs` are the pieces the layer-by-layer inference engine and the
-server's scheduler drive one layer at a time.
+`embed`, `attention` (once per batch), `run_layer` and `exit_outputs` are the pieces the torch
+runtime backend (models/backends/torch_backend.py) drives one layer at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from exitserve.models.backbones import LayerStepper, resolve_backbone
+from exitserve.models.backbones import AttentionInputs, LayerStepper, resolve_backbone
 
 
 @dataclass
@@ -120,13 +120,17 @@ class EarlyExitModel(nn.Module):
             "lte": list(self.lte.parameters()) if self.lte is not None else [],
         }
 
-    # ---- the three steps the inference engine drives ------------------------------------------
+    # ---- the steps layer-by-layer inference drives ---------------------------------------------
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.stepper.embed(input_ids, token_type_ids)
 
-    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> AttentionInputs:
+        """The attention inputs of a batch (mask, position bias), built once and used by every layer."""
+        return self.stepper.attention(hidden, attention_mask)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
         """Transformer layer `index` (0-based)."""
-        return self.stepper.layer(index, hidden, attention_mask)
+        return self.stepper.layer(index, hidden, attention)
 
     def exit_outputs(
         self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor
@@ -147,9 +151,10 @@ class EarlyExitModel(nn.Module):
         """Run all layers and every exit. `detach_backbone` stops exit losses from reaching the
         encoder (two-stage's second stage)."""
         hidden = self.embed(input_ids, token_type_ids)
+        attention = self.attention(hidden, attention_mask)
         logits, lte = [], []
         for index in range(self.num_layers):
-            hidden = self.run_layer(index, hidden, attention_mask)
+            hidden = self.run_layer(index, hidden, attention)
             exit_input = hidden.detach() if detach_backbone else hidden
             layer_logits, layer_lte = self.exit_outputs(index, exit_input, attention_mask)
             logits.append(layer_logits)

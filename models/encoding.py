@@ -1,7 +1,9 @@
-"""Text -> token ids, and token ids -> padded tensors.
+"""Text -> token ids, and token ids -> right-padded batches.
 
 Samples are kept as unpadded id lists (`Encoded`) until the moment a batch is formed, so any set of
-samples (from one request or many) can be padded to exactly the length the batch needs.
+samples (from one request or many) can be padded to exactly the length the batch needs. `pad_tokens`
+is the one padding rule (numpy, so every runtime backend can take it); `collate` wraps it in torch
+tensors for the model's forward (training, recording all layers, export checks).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -50,19 +53,40 @@ def encode(
     return out
 
 
-def collate(samples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict:
-    """Right-pad to the longest sample: input_ids, attention_mask (and token_type_ids)."""
-    length = max(len(s) for s in samples)
-    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), length), dtype=torch.long)
-    types = torch.zeros((len(samples), length), dtype=torch.long) if samples[0].token_type_ids else None
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded token ids of a batch (int64): `[B, S]`, `S` = the longest sample."""
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    lengths: np.ndarray  # [B]
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return attention_mask(self.lengths, self.input_ids.shape[1])
+
+
+def attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    """`[B, width]` int64: 1 on each row's first `length` positions (its real tokens), 0 on padding."""
+    return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+
+
+def pad_tokens(samples: Sequence[Encoded], pad_id: int) -> TokenBatch:
+    """Right-pad to the longest sample (padding never changes a row's real tokens' results)."""
+    lengths = np.array([len(s) for s in samples], dtype=np.int64)
+    ids = np.full((len(samples), int(lengths.max())), pad_id, dtype=np.int64)
+    types = np.zeros_like(ids) if samples[0].token_type_ids is not None else None
     for row, sample in enumerate(samples):
-        n = len(sample)
-        ids[row, :n] = torch.tensor(sample.input_ids)
-        mask[row, :n] = 1
+        ids[row, : len(sample)] = sample.input_ids
         if types is not None and sample.token_type_ids is not None:
-            types[row, :n] = torch.tensor(sample.token_type_ids)
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if types is not None:
-        batch["token_type_ids"] = types.to(device)
-    return batch
+            types[row, : len(sample)] = sample.token_type_ids
+    return TokenBatch(ids, types, lengths)
+
+
+def collate(samples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict:
+    """`pad_tokens` as the model's keyword arguments: input_ids, attention_mask (and token_type_ids)."""
+    batch = pad_tokens(samples, pad_id)
+    out = {"input_ids": torch.from_numpy(batch.input_ids), "attention_mask": torch.from_numpy(batch.attention_mask)}
+    if batch.token_type_ids is not None:
+        out["token_type_ids"] = torch.from_numpy(batch.token_type_ids)
+    return {k: v.to(device) for k, v in out.items()}

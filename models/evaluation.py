@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from exitserve.models.answers import answers
+from exitserve.models.backends import Backend, create_backend
 from exitserve.models.checkpoint import Checkpoint
-from exitserve.models.criteria import ExitCriterion
+from exitserve.models.criteria import ExitCriterion, expand_thresholds
 from exitserve.models.data import ColumnOptions, Examples, load_examples
 from exitserve.models.early_exit import AllExits
 from exitserve.models.encoding import encode
@@ -30,15 +32,11 @@ SWEEP_GRID = [round(t, 3) for t in np.arange(0.0, 1.0, 0.01)] + [0.995, 0.999, 1
 TIMED_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 
-def _predictions(logits: torch.Tensor, regression: bool) -> list[float]:
-    return (logits[..., 0] if regression else logits.argmax(-1)).tolist()
-
-
 def per_layer_scores(recorded: AllExits, spec: TaskSpec, labels: Sequence[float]) -> list[dict]:
     """Every sample forced to exit at layer k, for k = 1..L."""
     rows = []
     for k in range(recorded.logits.shape[0]):
-        scores = all_scores(spec.metric, _predictions(recorded.logits[k], spec.is_regression), labels)
+        scores = all_scores(spec.metric, answers(recorded.logits[k], spec.is_regression).tolist(), labels)
         rows.append({"layer": k + 1, "score": scores[spec.metric], "scores": scores})
     return rows
 
@@ -52,11 +50,11 @@ def sweep(
 ) -> list[dict]:
     """Score and mean exit layer at each threshold (one threshold for all layers)."""
     num_layers = recorded.logits.shape[0]
-    final = all_scores(spec.metric, _predictions(recorded.logits[-1], spec.is_regression), labels)[spec.metric]
+    final = all_scores(spec.metric, answers(recorded.logits[-1], spec.is_regression).tolist(), labels)[spec.metric]
     rows = []
     for threshold in grid:
         sim = simulate_exits(recorded, criterion, [threshold] * num_layers)
-        value = all_scores(spec.metric, _predictions(sim.logits, spec.is_regression), labels)[spec.metric]
+        value = all_scores(spec.metric, answers(sim.logits, spec.is_regression).tolist(), labels)[spec.metric]
         mean_exit = float(sim.exit_layer.float().mean())
         rows.append({
             "threshold": threshold,
@@ -69,7 +67,7 @@ def sweep(
 
 
 def wall_clock(
-    checkpoint: Checkpoint,
+    backend: Backend,
     criterion: ExitCriterion,
     samples: list,
     thresholds: Sequence[float],
@@ -77,22 +75,21 @@ def wall_clock(
 ) -> list[dict]:
     """Seconds for the real engine to answer the whole split at each threshold (best of 2 runs),
     with the mean exit layer of those runs."""
-    model, cfg = checkpoint.model, checkpoint.exit_config
-    pad = checkpoint.tokenizer.pad_token_id
-    predict(model, criterion, samples[:batch_size], cfg.thresholds(1.0), pad, batch_size)  # warm-up
+    num_layers = backend.num_layers
+    predict(backend, criterion, samples[:batch_size], expand_thresholds(1.0, num_layers), batch_size)  # warm-up
     rows = []
     for threshold in tqdm(thresholds, desc=f"wall-clock (batch {batch_size})", unit="threshold"):
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            results = predict(model, criterion, samples, cfg.thresholds(threshold), pad, batch_size)
+            results = predict(backend, criterion, samples, expand_thresholds(threshold, num_layers), batch_size)
             times.append(time.perf_counter() - start)
         mean_exit = sum(r.exit_layer for r in results) / len(results)
         rows.append({"threshold": threshold, "seconds": min(times), "mean_exit_layer": mean_exit})
     full = next((r["seconds"] for r in rows if r["threshold"] >= 1.0), None)
     for row in rows:
         row["speedup_vs_full"] = full / row["seconds"] if full else None
-        row["ideal_speedup"] = cfg.num_layers / row["mean_exit_layer"]
+        row["ideal_speedup"] = num_layers / row["mean_exit_layer"]
     return rows
 
 
@@ -105,16 +102,20 @@ def evaluate(
     max_samples: int | None = None,
     batch_size: int = 32,
     timed_thresholds: Sequence[float] = TIMED_THRESHOLDS,
+    backend: Backend | None = None,
 ) -> dict:
+    """Layer-wise scores and the threshold sweep from one recorded pass, plus wall-clock runs; on the
+    checkpoint's own torch model unless another `backend` is given."""
     cfg = checkpoint.exit_config
+    backend = backend or create_backend(checkpoint)
     spec, rows = load_split_for(checkpoint, data, split, columns)
     rows = rows.subset(max_samples, seed=0)
     criterion = cfg.make_criterion(criterion_name)
     samples = encode(checkpoint.tokenizer, rows.texts, rows.pairs, cfg.max_length)
     with tqdm(total=len(samples), desc="recording all layers", unit="sample") as bar:
-        recorded = record_all_layers(checkpoint.model, samples, checkpoint.tokenizer.pad_token_id, batch_size, bar)
+        recorded = record_all_layers(backend, samples, batch_size, bar)
     layers = per_layer_scores(recorded, spec, rows.labels)
-    timings = wall_clock(checkpoint, criterion, samples, timed_thresholds, batch_size) if timed_thresholds else []
+    timings = wall_clock(backend, criterion, samples, timed_thresholds, batch_size) if timed_thresholds else []
     return {
         "checkpoint": str(checkpoint.path),
         "data": data,
@@ -127,7 +128,7 @@ def evaluate(
         "final_layer_scores": layers[-1]["scores"],
         "per_layer": layers,
         "sweep": sweep(recorded, criterion, spec, rows.labels),
-        "wall_clock": {"batch_size": batch_size, "device": str(next(checkpoint.model.parameters()).device),
+        "wall_clock": {"batch_size": batch_size, "backend": backend.name, "device": str(backend.device),
                        "torch_threads": torch.get_num_threads(), "runs": timings},
     }
 

@@ -1,10 +1,11 @@
-"""Layer-by-layer batched inference with early exit.
+"""Layer-by-layer batched inference with early exit, on any runtime backend (models/backends).
 
 `predict` runs a batch one layer at a time. After each layer every active row's exit computes a
 confidence; rows whose confidence passes their threshold leave with that exit's answer, and the
-next layer runs only on the rows still active, trimmed to the padding they still need. The exit
-decision is the only host synchronisation per layer (one small boolean copy); everything else is
-indexed with CPU-side bookkeeping.
+next layer runs only on the rows still active, trimmed to the padding they still need. The backend
+builds the batch's attention inputs once, and again only when rows leave. Exit outputs come back on
+the CPU, which is the one host synchronisation per layer; a layer at which no row could exit (every
+threshold 1.0, no trace, no criterion history) skips its exit head.
 
 `record_all_layers` runs every layer for every sample once and keeps every exit's output, and
 `simulate_exits` replays any criterion/threshold over those outputs with the same decision rule,
@@ -16,105 +17,72 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from exitserve.models.answers import LayerTrace, Prediction, answers, decode
+from exitserve.models.backends import Backend
 from exitserve.models.criteria import ExitCriterion, exits_now
-from exitserve.models.early_exit import AllExits, EarlyExitModel
-from exitserve.models.encoding import Encoded, collate
+from exitserve.models.early_exit import AllExits
+from exitserve.models.encoding import Encoded
 
 
-@dataclass
-class LayerTrace:
-    layer: int
-    confidence: float
-    prediction: float  # label id (classification) or value (regression)
+def needs_exit(criterion: ExitCriterion, thresholds: torch.Tensor, is_last_layer: bool, trace: bool) -> bool:
+    """Whether a layer's exit head must run: some row may leave here, or its output is wanted anyway."""
+    return is_last_layer or trace or criterion.has_memory or bool((thresholds < 1.0).any())
 
 
-@dataclass
-class Prediction:
-    exit_layer: int  # 1-based
-    confidence: float
-    value: float  # regression output, or the label id as a float
-    label_id: int | None  # classification only
-    probabilities: list[float] | None  # classification only
-    trace: list[LayerTrace] | None = None
-
-
-def decode(logits: torch.Tensor, regression: bool) -> tuple[float, int | None, list[float] | None]:
-    """One row of logits -> (value, label id, probabilities)."""
-    if regression:
-        return float(logits[0]), None, None
-    probs = logits.float().softmax(-1)
-    label = int(probs.argmax())
-    return float(label), label, probs.tolist()
-
-
-def _answer(logits: torch.Tensor, regression: bool) -> torch.Tensor:
-    return logits[:, 0].float() if regression else logits.argmax(-1).float()
-
-
-@torch.inference_mode()
 def predict_batch(
-    model: EarlyExitModel,
+    backend: Backend,
     criterion: ExitCriterion,
     samples: Sequence[Encoded],
     thresholds: torch.Tensor,
-    pad_id: int,
     return_trace: bool = False,
 ) -> list[Prediction]:
     """Early-exit inference for one batch. `thresholds` is `[B, L]` (a row per sample)."""
-    device = next(model.parameters()).device
-    batch = collate(samples, pad_id, device)
-    lengths = torch.tensor([len(s) for s in samples])
-    num, num_layers = len(samples), model.num_layers
-    thresholds = thresholds.to(device)
+    num, num_layers = len(samples), backend.num_layers
+    lengths = np.array([len(s) for s in samples])
+    hidden = backend.embed(samples)
+    attention = backend.attention(lengths)
+    memory = criterion.initial_memory(num)
+    active = np.arange(num)  # which original rows are still running
 
-    hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    mask = batch["attention_mask"]
-    memory = criterion.initial_memory(num, device)
-    active = torch.arange(num)  # CPU: which original rows are still running
-
-    out_logits = torch.zeros(num, model.num_outputs, device=device)
-    out_conf = torch.zeros(num, device=device)
-    out_layer = torch.zeros(num, dtype=torch.long)
+    out_logits = torch.zeros(num, backend.num_outputs)
+    out_conf = torch.zeros(num)
+    out_layer = np.zeros(num, dtype=np.int64)
     # per-layer confidence and answer of every row while it runs (NaN once it has left)
-    trace = torch.full((2, num_layers, num), float("nan"), device=device) if return_trace else None
+    trace = torch.full((2, num_layers, num), float("nan")) if return_trace else None
 
     for k in range(num_layers):
-        hidden = model.run_layer(k, hidden, mask)
-        logits, lte = model.exit_outputs(k, hidden, mask)
-        conf, memory = criterion.confidence(logits, lte, memory)
-        leave = exits_now(conf, thresholds[active.to(device), k], k == num_layers - 1)
+        last = k == num_layers - 1
+        row_thresholds = thresholds[torch.from_numpy(active), k]
+        hidden, out = backend.layer(k, hidden, attention, needs_exit(criterion, row_thresholds, last, return_trace))
+        if out is None:
+            continue
+        conf, memory = criterion.confidence(out.logits, out.lte, memory)
+        leave = exits_now(conf, row_thresholds, last).numpy()
         if trace is not None:
-            rows = active.to(device)
-            trace[0, k, rows] = conf.float()
-            trace[1, k, rows] = _answer(logits, criterion.regression)
-        leave_cpu = leave.cpu()  # the one host sync of this layer
-        gone, stay = leave_cpu.nonzero().squeeze(1), (~leave_cpu).nonzero().squeeze(1)
-        if len(gone):
-            rows = active[gone].to(device)
-            out_logits[rows] = logits[gone.to(device)].float()
-            out_conf[rows] = conf[gone.to(device)].float()
-            out_layer[active[gone]] = k + 1
+            trace[0, k, active] = conf
+            trace[1, k, active] = answers(out.logits, criterion.regression)
+        gone, stay = leave.nonzero()[0], (~leave).nonzero()[0]
+        out_logits[active[gone]] = out.logits[gone]
+        out_conf[active[gone]] = conf[gone]
+        out_layer[active[gone]] = k + 1
         if not len(stay):
             break
-        active = active[stay]
-        width = int(lengths[active].max())
-        keep = stay.to(device)
-        hidden, mask = hidden[keep, :width], mask[keep, :width]
-        memory = memory[keep] if memory is not None else None
+        if len(gone):  # the batch changed: keep the rest, trimmed to the padding they still need
+            active = active[stay]
+            width = int(lengths[active].max())
+            hidden = backend.select(hidden, stay, width)
+            attention = backend.attention(lengths[active])
+            memory = memory[torch.from_numpy(stay)] if memory is not None else None
 
-    out_logits, out_conf = out_logits.cpu(), out_conf.cpu()
-    traces = trace.cpu() if trace is not None else None
     results = []
     for i in range(num):
         value, label, probs = decode(out_logits[i], criterion.regression)
         steps = None
-        if traces is not None:
-            steps = [
-                LayerTrace(k + 1, float(traces[0, k, i]), float(traces[1, k, i]))
-                for k in range(int(out_layer[i]))
-            ]
+        if trace is not None:
+            steps = [LayerTrace(k + 1, float(trace[0, k, i]), float(trace[1, k, i])) for k in range(out_layer[i])]
         results.append(Prediction(int(out_layer[i]), float(out_conf[i]), value, label, probs, steps))
     return results
 
@@ -126,11 +94,10 @@ def _batches(samples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
 
 
 def predict(
-    model: EarlyExitModel,
+    backend: Backend,
     criterion: ExitCriterion,
     samples: Sequence[Encoded],
     thresholds: Sequence[float],
-    pad_id: int,
     batch_size: int = 32,
     return_trace: bool = False,
 ) -> list[Prediction]:
@@ -138,28 +105,27 @@ def predict(
     per_layer = torch.tensor(thresholds, dtype=torch.float32)
     results: list[Prediction | None] = [None] * len(samples)
     for idx in _batches(samples, batch_size):
-        rows = predict_batch(
-            model, criterion, [samples[i] for i in idx], per_layer.expand(len(idx), -1), pad_id, return_trace
-        )
+        batch = [samples[i] for i in idx]
+        rows = predict_batch(backend, criterion, batch, per_layer.expand(len(idx), -1), return_trace)
         for i, result in zip(idx, rows, strict=True):
             results[i] = result
     return results  # type: ignore[return-value]
 
 
-@torch.inference_mode()
-def record_all_layers(
-    model: EarlyExitModel, samples: Sequence[Encoded], pad_id: int, batch_size: int = 32, progress=None
-) -> AllExits:
-    """Every exit's output for every sample, in input order: logits `[L, N, C]`, LTE `[L, N]`."""
-    device = next(model.parameters()).device
-    logits = torch.zeros(model.num_layers, len(samples), model.num_outputs)
-    lte = torch.zeros(model.num_layers, len(samples)) if model.lte is not None else None
+def record_all_layers(backend: Backend, samples: Sequence[Encoded], batch_size: int = 32, progress=None) -> AllExits:
+    """Every exit's output for every sample, in input order: logits `[L, N, C]`, LTE `[L, N]` (or None)."""
+    logits = torch.zeros(backend.num_layers, len(samples), backend.num_outputs)
+    lte = None
     for idx in _batches(samples, batch_size):
-        batch = collate([samples[i] for i in idx], pad_id, device)
-        out = model(**batch)
-        logits[:, idx] = out.logits.float().cpu()
-        if lte is not None and out.lte is not None:
-            lte[:, idx] = out.lte.float().cpu()
+        batch = [samples[i] for i in idx]
+        lengths = np.array([len(s) for s in batch])
+        hidden, attention = backend.embed(batch), backend.attention(lengths)
+        for k in range(backend.num_layers):
+            hidden, out = backend.layer(k, hidden, attention)
+            logits[k, idx] = out.logits
+            if out.lte is not None:
+                lte = torch.zeros(backend.num_layers, len(samples)) if lte is None else lte
+                lte[k, idx] = out.lte
         if progress is not None:
             progress.update(len(idx))
     return AllExits(logits, lte)
@@ -177,7 +143,7 @@ def simulate_exits(
 ) -> SimulatedExits:
     """Where each sample would exit under `thresholds`, using the recorded outputs (no model run)."""
     num_layers, num = recorded.logits.shape[:2]
-    memory = criterion.initial_memory(num, torch.device("cpu"))
+    memory = criterion.initial_memory(num)
     done = torch.zeros(num, dtype=torch.bool)
     exit_layer = torch.zeros(num, dtype=torch.long)
     out_logits = torch.zeros(recorded.logits.shape[1:])

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from exitserve.models.answers import answers
 from exitserve.models.early_exit import AllExits
 
 STRATEGIES = ("alternating", "alternating-step", "joint", "two-stage", "weighted", "self-distill", "raw")
@@ -79,10 +80,8 @@ def lte_losses(out: AllExits, labels: torch.Tensor, regression: bool) -> torch.T
     """J_i for every exit: `[L]` (targets detached, LTE input not)."""
     assert out.lte is not None
     with torch.no_grad():
-        if regression:
-            target = 1.0 - torch.tanh((out.logits[..., 0] - labels.float()).abs())
-        else:
-            target = (out.logits.argmax(-1) == labels).float()
+        answer = answers(out.logits, regression)
+        target = 1.0 - torch.tanh((answer - labels.float()).abs()) if regression else (answer == labels).float()
     return ((out.lte - target) ** 2).mean(-1)
 
 

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from exitserve.models.backbones import resolve_backbone
+from exitserve.models.backends import TorchBackend
 from exitserve.models.checkpoint import ExitConfig, save_checkpoint
 from exitserve.models.data import DEFAULT_DATA, ColumnOptions, Examples, load_examples
 from exitserve.models.early_exit import EarlyExitModel
@@ -189,6 +190,6 @@ def train(options: TrainOptions) -> Path:
 
 def dev_layer_scores(model: EarlyExitModel, tokenizer, exit_config: ExitConfig, rows: Examples) -> dict:
     samples = encode(tokenizer, rows.texts, rows.pairs, exit_config.max_length)
-    recorded = record_all_layers(model, samples, tokenizer.pad_token_id)
+    recorded = record_all_layers(TorchBackend(model, tokenizer.pad_token_id), samples)
     layers = per_layer_scores(recorded, exit_config.task_spec(), rows.labels)
     return {"split": "dev", "samples": len(rows), "metric": exit_config.metric, "per_layer": layers}

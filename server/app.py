@@ -154,7 +154,7 @@ async def predict(req: PredictRequest, request: Request, response: Response):
     texts, pairs = validate(req, service)
     try:
         outcome = await unless_client_leaves(
-            request, service.predict(texts, pairs, req.threshold, req.return_trace)
+            request, service.predict(texts, pairs=pairs, threshold=req.threshold, trace=req.return_trace)
         )
     except ClientGone as exc:  # nobody reads this answer; 499 is nginx's "client closed request"
         service.metrics.failures.labels("disconnected").inc()

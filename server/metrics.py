@@ -13,6 +13,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
+    """The Prometheus metrics of one served model, in their own registry (GET /metrics renders it).
+    `observe_exit` records one answered input: its exit layer and the layers it saved."""
+
     def __init__(self, model_name: str, num_layers: int):
         self.registry = CollectorRegistry()
         self.model = model_name

@@ -23,8 +23,9 @@ the same boundary form a group, whatever request they came from. One scheduler s
   3. cuts a batch from that group, length-aware: rows sorted by length, a contiguous window
      around the longest-waiting row, at most `max_batch_size` rows and `max_batch_tokens` padded
      tokens;
-  4. pads the rows' hidden states (real tokens only are stored per sample), runs layer k and
-     exit k, and decides exits with the same rule as the library (`models.criteria.exits_now`);
+  4. has the runtime backend (models/backends) pad the rows' hidden states (real tokens only are
+     stored per sample) and run layer k and exit k, and decides exits with the same rule as the
+     library (`models.criteria.exits_now`); a step in which no row could exit skips the exit head;
   5. answers exited samples at once; the rest move to group k + 1.
 
 So a sample that exits at layer k has run exactly k layers, and its result depends only on its
@@ -41,12 +42,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from exitserve.models.answers import LayerTrace, Prediction, decode
+from exitserve.models.backends import Backend
+from exitserve.models.backends.base import Row
 from exitserve.models.criteria import ExitCriterion, exits_now
-from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import Encoded
-from exitserve.models.inference import LayerTrace, Prediction, decode
+from exitserve.models.inference import needs_exit
 
 
 class QueueFull(Exception):
@@ -74,7 +78,7 @@ class Sample:
     finished: float | None = None
     waiting_since: float = field(default_factory=time.monotonic)
     next_layer: int = 0
-    hidden: torch.Tensor | None = None  # [len, H] after `next_layer` layers
+    hidden: Row | None = None  # [len, H] after `next_layer` layers, in the backend's array type
     memory: torch.Tensor | None = None  # criterion memory row
 
     def resolve(self, result: Prediction | BaseException) -> None:
@@ -95,28 +99,29 @@ class Sample:
 class StepStats:
     layer: int  # 1-based layer just run
     batch_size: int
-    padded_tokens: int
     exited: list[Sample]
 
 
 class LayerScheduler:
+    """The policy (which group runs next, which rows form its batch) and the step that runs it on a
+    runtime `Backend`; see the module docstring. `submit` is called from the event loop, everything
+    else runs on the scheduler's one worker thread."""
+
     def __init__(
         self,
-        model: EarlyExitModel,
+        backend: Backend,
         criterion: ExitCriterion,
-        pad_id: int,
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
         max_queue_size: int = 512,
         on_step: Callable[[StepStats], None] | None = None,
     ):
-        self.model, self.criterion, self.pad_id = model, criterion, pad_id
+        self.backend, self.criterion = backend, criterion
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_queue_size = max_queue_size
         self.admit_window = 2 * max_batch_size  # group 0 candidates: room for length-aware batching
         self.on_step = on_step
-        self.device = next(model.parameters()).device
-        self.num_layers = model.num_layers
+        self.num_layers = backend.num_layers
         self._queue: deque[Sample] = deque()
         self._groups: list[list[Sample]] = [[] for _ in range(self.num_layers)]
         self._cv = threading.Condition()
@@ -240,42 +245,39 @@ class LayerScheduler:
 
     def _step(self, layer: int, batch: list[Sample]) -> None:
         now = time.monotonic()
-        lengths = [len(s.encoded) for s in batch]
-        width = max(lengths)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
-        mask = mask.to(self.device)
+        lengths = np.array([len(s.encoded) for s in batch])
         if layer == 0:
             for s in batch:
                 s.started = now
-            hidden = self._embed(batch, width)
-            memory = self.criterion.initial_memory(len(batch), self.device)
+            hidden = self.backend.embed([s.encoded for s in batch])
+            memory = self.criterion.initial_memory(len(batch))
         else:
-            hidden = torch.zeros(len(batch), width, batch[0].hidden.shape[-1], device=self.device)
-            for i, s in enumerate(batch):
-                hidden[i, : lengths[i]] = s.hidden
+            hidden = self.backend.stack([s.hidden for s in batch])
             memory = torch.stack([s.memory for s in batch]) if batch[0].memory is not None else None
+        last = layer == self.num_layers - 1
+        thresholds = torch.stack([s.thresholds[layer] for s in batch])
+        traced = any(s.trace is not None for s in batch)
+        attention = self.backend.attention(lengths)
+        hidden, out = self.backend.layer(layer, hidden, attention, needs_exit(self.criterion, thresholds, last, traced))
+        if out is None:
+            leave, conf = [False] * len(batch), None
+        else:
+            conf, memory = self.criterion.confidence(out.logits, out.lte, memory)
+            leave = exits_now(conf, thresholds, last).tolist()
 
-        hidden = self.model.run_layer(layer, hidden, mask)
-        logits, lte = self.model.exit_outputs(layer, hidden, mask)
-        conf, memory = self.criterion.confidence(logits, lte, memory)
-        thresholds = torch.stack([s.thresholds[layer] for s in batch]).to(self.device)
-        leave = exits_now(conf, thresholds, layer == self.num_layers - 1).cpu().tolist()
-        logits_cpu, conf_cpu = logits.float().cpu(), conf.float().cpu()
-
+        rows = self.backend.rows(hidden, lengths.tolist()) if not all(leave) else []
         exited, answers = [], []
         for i, s in enumerate(batch):
             if s.trace is not None:
-                value, _, _ = decode(logits_cpu[i], self.criterion.regression)
-                s.trace.append(LayerTrace(layer + 1, float(conf_cpu[i]), value))
+                value, _, _ = decode(out.logits[i], self.criterion.regression)
+                s.trace.append(LayerTrace(layer + 1, float(conf[i]), value))
             if leave[i]:
-                value, label, probs = decode(logits_cpu[i], self.criterion.regression)
+                value, label, probs = decode(out.logits[i], self.criterion.regression)
                 s.hidden = s.memory = None
-                answers.append(Prediction(layer + 1, float(conf_cpu[i]), value, label, probs, s.trace))
+                answers.append(Prediction(layer + 1, float(conf[i]), value, label, probs, s.trace))
                 exited.append(s)
             else:
-                s.hidden = hidden[i, : lengths[i]]
+                s.hidden = rows[i]
                 s.memory = memory[i] if memory is not None else None
                 s.next_layer = layer + 1
                 s.waiting_since = time.monotonic()
@@ -283,16 +285,7 @@ class LayerScheduler:
         # the step is recorded before anyone is answered: a client holding its answer finds it in the metrics
         try:
             if self.on_step is not None:
-                self.on_step(StepStats(layer + 1, len(batch), len(batch) * width, exited))
+                self.on_step(StepStats(layer + 1, len(batch), exited))
         finally:
             for s, answer in zip(exited, answers, strict=True):
                 s.resolve(answer)
-
-    def _embed(self, batch: list[Sample], width: int) -> torch.Tensor:
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        types = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, : len(s.encoded)] = torch.tensor(s.encoded.input_ids)
-            if s.encoded.token_type_ids is not None:
-                types[i, : len(s.encoded)] = torch.tensor(s.encoded.token_type_ids)
-        return self.model.embed(ids.to(self.device), types.to(self.device))

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from exitserve.models.answers import Prediction
+from exitserve.models.backends import create_backend
 from exitserve.models.checkpoint import Checkpoint, load_checkpoint
 from exitserve.models.encoding import encode
-from exitserve.models.inference import Prediction
 from exitserve.server.metrics import Metrics
 from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
 from exitserve.server.settings import Settings
@@ -43,6 +44,10 @@ class Outcome:
 
 
 class PredictionService:
+    """One loaded model served: the checkpoint, its runtime backend, the scheduler that batches its
+    layers, and the metrics. `predict` is the whole request path below HTTP (see the module docstring);
+    `start`/`stop` bracket the server's life (warm-up before ready, drain on stop)."""
+
     def __init__(self, checkpoint: Checkpoint, settings: Settings):
         self.checkpoint, self.settings = checkpoint, settings
         self.config = checkpoint.exit_config
@@ -50,10 +55,10 @@ class PredictionService:
         self.criterion = self.config.make_criterion(settings.criterion)
         self.name = checkpoint.path.name
         self.metrics = Metrics(self.name, self.config.num_layers)
+        self.backend = create_backend(checkpoint)
         self.scheduler = LayerScheduler(
-            checkpoint.model, self.criterion, self.tokenizer.pad_token_id,
-            max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-            max_queue_size=settings.max_queue_size, on_step=self._on_step,
+            self.backend, self.criterion, max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens, max_queue_size=settings.max_queue_size, on_step=self._on_step,
         )
         self.metrics.queue_size.labels(self.name).set_function(lambda: self.scheduler.queue_size)
         self.tokenizing = 0  # inputs admitted but not yet queued (only touched on the event loop)
@@ -100,17 +105,19 @@ class PredictionService:
         s = self.settings
         rows = max(1, min(s.max_batch_size, s.max_batch_tokens // self.config.max_length, s.max_queue_size))
         longest = " ".join(["a"] * 2 * self.config.max_length)  # truncated to exactly max_length tokens
-        await self.predict([WARMUP_TEXT], None, None, False)
-        await self.predict([longest] * rows, None, 1.0, False, truncate=True)
+        await self.predict([WARMUP_TEXT])
+        await self.predict([longest] * rows, threshold=1.0, truncate=True)
 
     def stop(self) -> None:
         self.ready = False
         self.scheduler.stop(self.settings.drain_timeout)
 
     async def predict(
-        self, texts: list[str], pairs: list[str] | None, threshold: float | None, trace: bool,
-        truncate: bool | None = None,
+        self, texts: list[str], *, pairs: list[str] | None = None, threshold: float | None = None,
+        trace: bool = False, truncate: bool | None = None,
     ) -> Outcome:
+        """Answer `texts` (with `pairs` for pair tasks) at `threshold` (None: the checkpoint's default);
+        raises QueueFull, DeadlineExceeded, SchedulerStopped, InputTooLong or the model's error."""
         start = time.monotonic()
         self.scheduler.check_room(len(texts), reserved=self.tokenizing)  # 429 before paying for tokenisation
         loop = asyncio.get_running_loop()

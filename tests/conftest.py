@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from exitserve.models.backbones import resolve_backbone
+from exitserve.models.backends import TorchBackend
 from exitserve.models.checkpoint import ExitConfig
 from exitserve.models.early_exit import EarlyExitModel
 
@@ -42,6 +43,14 @@ def tiny_backbone(tmp_path_factory, tokenizer) -> str:
     BertModel(tiny_bert_config()).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+PAD_ID = 0  # the MiniLM tokenizer's [PAD]
+
+
+def torch_backend(model: EarlyExitModel) -> TorchBackend:
+    """The torch runtime backend over a test model (MiniLM tokenizer's padding)."""
+    return TorchBackend(model, PAD_ID)
 
 
 def make_model(num_outputs: int = 2, use_lte: bool = False, seed: int = 0) -> EarlyExitModel:

@@ -41,8 +41,9 @@ def test_stepping_matches_stock_forward(family):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
         hidden = stepper.embed(ids, torch.zeros_like(ids))
+        attention = stepper.attention(hidden, mask)
         for k in range(stepper.num_layers):
-            hidden = stepper.layer(k, hidden, mask)
+            hidden = stepper.layer(k, hidden, attention)
     real = mask.bool()
     assert stepper.num_layers == 3
     assert torch.allclose(hidden[real], expected[real], atol=1e-5)

@@ -37,7 +37,7 @@ def test_lte_uses_the_module_output_and_needs_it():
 
 def test_patience_counts_consecutive_agreement_classification():
     crit = ExitCriterion("patience", 5)  # confidence = streak / 4
-    memory = crit.initial_memory(2, torch.device("cpu"))
+    memory = crit.initial_memory(2)
     answers = [[1, 0], [1, 1], [1, 1], [1, 0]]  # row 0 agrees throughout; row 1 changes
     confs = []
     for a in answers:
@@ -50,7 +50,7 @@ def test_patience_counts_consecutive_agreement_classification():
 
 def test_patience_regression_uses_delta():
     crit = ExitCriterion("patience", 3, regression=True, delta=0.1)
-    memory = crit.initial_memory(1, torch.device("cpu"))
+    memory = crit.initial_memory(1)
     out = []
     for value in [1.0, 1.05, 1.5]:
         conf, memory = crit.confidence(torch.tensor([[value]]), None, memory)

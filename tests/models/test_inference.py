@@ -9,7 +9,7 @@ from exitserve.models.criteria import ExitCriterion
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import encode
 from exitserve.models.inference import predict, predict_batch, record_all_layers, simulate_exits
-from tests.conftest import TINY_LAYERS, make_model
+from tests.conftest import TINY_LAYERS, make_model, torch_backend
 
 
 @pytest.fixture
@@ -20,8 +20,8 @@ def samples(tokenizer, sst2_texts):
 def test_threshold_one_runs_every_layer_and_matches_the_full_forward(tokenizer, samples):
     model = make_model()
     crit = ExitCriterion("max-prob", TINY_LAYERS)
-    results = predict(model, crit, samples, [1.0] * TINY_LAYERS, tokenizer.pad_token_id, batch_size=16)
-    recorded = record_all_layers(model, samples, tokenizer.pad_token_id)
+    results = predict(torch_backend(model), crit, samples, [1.0] * TINY_LAYERS, batch_size=16)
+    recorded = record_all_layers(torch_backend(model), samples)
     final = recorded.logits[-1].softmax(-1)
     assert all(r.exit_layer == TINY_LAYERS for r in results)
     for i, r in enumerate(results):
@@ -41,8 +41,7 @@ def test_early_exits_pool_the_mean_and_the_final_classifier_the_first_token():
 
 
 def test_threshold_zero_exits_at_layer_one(tokenizer, samples):
-    results = predict(make_model(), ExitCriterion("max-prob", TINY_LAYERS), samples, [0.0] * TINY_LAYERS,
-                      tokenizer.pad_token_id)
+    results = predict(torch_backend(make_model()), ExitCriterion("max-prob", TINY_LAYERS), samples, [0.0] * TINY_LAYERS)
     assert {r.exit_layer for r in results} == {1}
 
 
@@ -50,11 +49,11 @@ def test_threshold_zero_exits_at_layer_one(tokenizer, samples):
 def test_engine_agrees_with_simulation_over_recorded_layers(tokenizer, samples, criterion):
     model = make_model(use_lte=True, seed=3)
     crit = ExitCriterion(criterion, TINY_LAYERS)
-    recorded = record_all_layers(model, samples, tokenizer.pad_token_id)
+    recorded = record_all_layers(torch_backend(model), samples)
     for threshold in (0.3, 0.55, 0.7):
         thresholds = [threshold] * TINY_LAYERS
         sim = simulate_exits(recorded, crit, thresholds)
-        results = predict(model, crit, samples, thresholds, tokenizer.pad_token_id, batch_size=16)
+        results = predict(torch_backend(model), crit, samples, thresholds, batch_size=16)
         assert [r.exit_layer for r in results] == sim.exit_layer.tolist()
         assert [r.label_id for r in results] == sim.logits.argmax(-1).tolist()
 
@@ -64,9 +63,9 @@ class CountingModel(EarlyExitModel):
 
     calls: list
 
-    def run_layer(self, index, hidden, attention_mask):
+    def run_layer(self, index, hidden, attention):
         self.calls.append((index, hidden.shape[0], hidden.shape[1]))
-        return super().run_layer(index, hidden, attention_mask)
+        return super().run_layer(index, hidden, attention)
 
 
 def test_a_sample_that_exits_at_layer_k_costs_k_layers_and_padding_is_trimmed(tokenizer, samples):
@@ -76,14 +75,14 @@ def test_a_sample_that_exits_at_layer_k_costs_k_layers_and_padding_is_trimmed(to
     model.eval()
     model.calls = []
     crit = ExitCriterion("max-prob", TINY_LAYERS)
-    recorded = record_all_layers(model, samples, tokenizer.pad_token_id)
+    recorded = record_all_layers(torch_backend(model), samples)
     model.calls = []
     # a per-layer threshold at each layer's median confidence spreads the exits out
     conf = recorded.logits.softmax(-1).amax(-1)
     thresholds = conf.median(dim=1).values.tolist()
     n = len(samples)
     per_layer = torch.tensor(thresholds).expand(n, -1)
-    results = predict_batch(model, crit, samples, per_layer, tokenizer.pad_token_id)
+    results = predict_batch(torch_backend(model), crit, samples, per_layer)
     exit_layers = [r.exit_layer for r in results]
     assert len(set(exit_layers)) >= 3
     # row-layers computed == sum of exit layers: no sample ran past its exit
@@ -98,7 +97,7 @@ def test_a_sample_that_exits_at_layer_k_costs_k_layers_and_padding_is_trimmed(to
 def test_trace_lists_each_layer_up_to_the_exit(tokenizer, samples):
     model = make_model(seed=2)
     crit = ExitCriterion("max-prob", TINY_LAYERS)
-    results = predict(model, crit, samples[:8], [0.6] * TINY_LAYERS, tokenizer.pad_token_id, return_trace=True)
+    results = predict(torch_backend(model), crit, samples[:8], [0.6] * TINY_LAYERS, return_trace=True)
     for r in results:
         assert [t.layer for t in r.trace] == list(range(1, r.exit_layer + 1))
         assert r.trace[-1].confidence == pytest.approx(r.confidence, abs=1e-6)
@@ -109,7 +108,7 @@ def test_trace_lists_each_layer_up_to_the_exit(tokenizer, samples):
 def test_regression_outputs_a_value_and_no_probabilities(tokenizer, samples):
     model = make_model(num_outputs=1, use_lte=True)
     crit = ExitCriterion("lte", TINY_LAYERS, regression=True)
-    results = predict(model, crit, samples[:4], [0.5] * TINY_LAYERS, tokenizer.pad_token_id)
+    results = predict(torch_backend(model), crit, samples[:4], [0.5] * TINY_LAYERS)
     assert all(r.label_id is None and r.probabilities is None for r in results)
     assert all(isinstance(r.value, float) for r in results)
 
@@ -120,12 +119,39 @@ def test_batch_invariance_on_real_text_with_minilm(tokenizer, sst2_texts):
     model = EarlyExitModel.from_backbone("minilm-l6", 2, use_lte=False).eval()
     crit = ExitCriterion("max-prob", model.num_layers)
     samples = encode(tokenizer, sst2_texts[:64], max_length=128)
-    recorded = record_all_layers(model, samples, tokenizer.pad_token_id)
+    recorded = record_all_layers(torch_backend(model), samples)
     thresholds = recorded.logits.softmax(-1).amax(-1).quantile(0.4, dim=1).tolist()
-    batched = predict(model, crit, samples, thresholds, tokenizer.pad_token_id, batch_size=64)
-    alone = [predict(model, crit, [s], thresholds, tokenizer.pad_token_id)[0] for s in samples]
+    batched = predict(torch_backend(model), crit, samples, thresholds, batch_size=64)
+    alone = [predict(torch_backend(model), crit, [s], thresholds)[0] for s in samples]
     assert len({r.exit_layer for r in batched}) >= 3  # a real mix of exits
     assert [r.exit_layer for r in batched] == [r.exit_layer for r in alone]
     assert [r.label_id for r in batched] == [r.label_id for r in alone]
     for b, a in zip(batched, alone, strict=True):
         assert b.confidence == pytest.approx(a.confidence, abs=1e-4)
+
+
+class ExitCountingModel(EarlyExitModel):
+    """Records which layers' exit heads run."""
+
+    exits_run: list
+
+    def exit_outputs(self, index, hidden, attention_mask):
+        self.exits_run.append(index)
+        return super().exit_outputs(index, hidden, attention_mask)
+
+
+@pytest.mark.parametrize(("criterion", "threshold", "trace", "heads"), [
+    ("max-prob", 1.0, False, [TINY_LAYERS - 1]),  # exits off: only the final classifier runs
+    ("max-prob", 1.0, True, list(range(TINY_LAYERS))),  # a trace wants every layer's answer
+    ("patience", 1.0, False, list(range(TINY_LAYERS))),  # patience needs every layer's answer
+    ("max-prob", 0.999, False, list(range(TINY_LAYERS))),
+])
+def test_exit_heads_run_only_where_a_row_could_leave(samples, criterion, threshold, trace, heads):
+    base = make_model(seed=4)
+    model = ExitCountingModel(base.encoder, 2, use_lte=False)
+    model.load_state_dict(base.state_dict())
+    model.eval().exits_run = []
+    crit = ExitCriterion(criterion, TINY_LAYERS)
+    results = predict(torch_backend(model), crit, samples[:1], [threshold] * TINY_LAYERS, return_trace=trace)
+    assert model.exits_run == heads[: results[0].exit_layer]
+    assert results[0].exit_layer == TINY_LAYERS or threshold < 1.0

@@ -68,7 +68,7 @@ class Instrumented:
         self.in_flight: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
-        model = self.service.scheduler.model
+        model = self.service.scheduler.backend.model
         embed, run_layer = model.embed, model.run_layer
 
         def logged_embed(ids, types):
@@ -146,14 +146,14 @@ def test_in_flight_inputs_of_a_cancelled_request_stop_at_the_next_layer(tiny_che
     async def main() -> None:
         await inst.service.start()
         inst.gate.clear()
-        task = asyncio.create_task(inst.service.predict(TEXTS[:2], None, 1.0, False))  # all layers
+        task = asyncio.create_task(inst.service.predict(TEXTS[:2], threshold=1.0))  # all layers
         await asyncio.to_thread(wait_for, lambda: inst.rows == [2])
         task.cancel()
         await asyncio.sleep(0.05)  # the cancellation reaches the samples' futures
         inst.gate.set()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await inst.service.predict(["next"], None, 1.0, False)
+        await inst.service.predict(["next"], threshold=1.0)
         inst.service.stop()
 
     asyncio.run(main())
@@ -290,9 +290,9 @@ def test_a_long_queue_neither_grows_the_work_in_flight_nor_starves_it(tiny_check
     async def main() -> None:
         await inst.service.start()
         inst.gate.clear()
-        first = asyncio.create_task(inst.service.predict([long_text], None, 1.0, False))  # all layers
+        first = asyncio.create_task(inst.service.predict([long_text], threshold=1.0))  # all layers
         await asyncio.to_thread(wait_for, lambda: inst.rows == [1])
-        rest = [asyncio.create_task(inst.service.predict([t], None, 1.0, False)) for t in TEXTS * 8]
+        rest = [asyncio.create_task(inst.service.predict([t], threshold=1.0)) for t in TEXTS * 8]
         await asyncio.to_thread(wait_for, lambda: inst.service.scheduler.queue_size == len(rest))
         inst.gate.set()
         await asyncio.gather(first, *rest)

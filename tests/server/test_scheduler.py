@@ -13,7 +13,7 @@ from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import encode
 from exitserve.models.inference import predict
 from exitserve.server.scheduler import DeadlineExceeded, LayerScheduler, QueueFull, Sample
-from tests.conftest import TINY_LAYERS, make_model
+from tests.conftest import TINY_LAYERS, make_model, torch_backend
 
 
 class SlowModel(EarlyExitModel):
@@ -23,12 +23,12 @@ class SlowModel(EarlyExitModel):
     fail_length: int | None = None
     log: list
 
-    def run_layer(self, index, hidden, attention_mask):
+    def run_layer(self, index, hidden, attention):
         time.sleep(self.delay)
         self.log.append((index, hidden.shape[0]))
-        if self.fail_length is not None and int(attention_mask.sum(1).max()) == self.fail_length:
+        if self.fail_length is not None and hidden.shape[1] == self.fail_length:
             raise RuntimeError("boom")
-        return super().run_layer(index, hidden, attention_mask)
+        return super().run_layer(index, hidden, attention)
 
 
 def slow_model(delay=0.0, fail_length=None) -> SlowModel:
@@ -54,7 +54,7 @@ def make_samples(encoded, thresholds, deadline_s=30.0):
 
 
 def scheduler_for(model, **kw) -> LayerScheduler:
-    sched = LayerScheduler(model, ExitCriterion("max-prob", TINY_LAYERS), 0, **kw)
+    sched = LayerScheduler(torch_backend(model), ExitCriterion("max-prob", TINY_LAYERS), **kw)
     sched.start()
     return sched
 
@@ -64,7 +64,8 @@ def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts
     crit = ExitCriterion("max-prob", TINY_LAYERS)
     encoded = encode(tokenizer, sst2_texts[:60], max_length=64)
     thresholds = [0.5 + 0.01 * (i % 10) for i in range(len(encoded))]  # per-request thresholds
-    alone = [predict(model, crit, [e], [t] * TINY_LAYERS, 0)[0] for e, t in zip(encoded, thresholds, strict=True)]
+    backend = torch_backend(model)
+    alone = [predict(backend, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
 
     async def main():
         sched = scheduler_for(model, max_batch_size=8)
@@ -185,7 +186,7 @@ def test_a_step_is_recorded_before_its_exited_samples_are_answered(tokenizer):
     encoded = encode(tokenizer, ["one", "two words", "three more words"], max_length=32)
 
     async def main():
-        sched = LayerScheduler(slow_model(), ExitCriterion("max-prob", TINY_LAYERS), 0,
+        sched = LayerScheduler(torch_backend(slow_model()), ExitCriterion("max-prob", TINY_LAYERS),
                                on_step=lambda st: seen.extend(s.finished is not None for s in st.exited))
         sched.start()
         samples = make_samples(encoded, [0.0, 1.0, 1.0])  # exits at layer 1, and at the last layer

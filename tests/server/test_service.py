@@ -17,7 +17,7 @@ from tests.conftest import TINY_LAYERS
 )
 def test_warm_up_runs_the_largest_step_through_every_layer(tiny_checkpoint, limits, rows):
     service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, **limits))
-    model = service.scheduler.model
+    model = service.scheduler.backend.model
     steps, run_layer = [], model.run_layer
 
     def logged(index, hidden, mask):
