@@ -85,8 +85,8 @@ def sweep_rows(table: ExitTable, metric: str, labels: Sequence[float]) -> list[d
     """Score, relative score, mean exit layer and layers saved at each threshold of the table."""
     final = score(metric, table.final, labels)
     rows = []
-    for threshold, answers, exit_layer in zip(table.thresholds, table.answers, table.exit_layer, strict=True):
-        value = score(metric, answers, labels)
+    for threshold, answered, exit_layer in zip(table.thresholds, table.answers, table.exit_layer, strict=True):
+        value = score(metric, answered, labels)
         mean_exit = float(exit_layer.mean())
         rows.append({
             "threshold": threshold,
