@@ -11,10 +11,41 @@ from exitserve.models.criteria import CRITERIA
 from exitserve.models.data import DEFAULT_DATA, ColumnOptions
 from exitserve.models.strategies import STRATEGIES
 
+CALIBRATE_DESCRIPTION = """\
+Choose the default exit threshold and store it in the checkpoint, with what it does on rows it was
+not chosen on. A seeded random --calibration-fraction of the rows (default half) chooses the
+threshold; the other rows report it (`exitserve evaluate` on the same data later leaves the
+calibration rows out).
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+methods:
+  risk (default)  Learn-then-Test with fixed-sequence testing over the threshold grid: the fastest
+                  threshold whose risk is certified <= --max-drop with probability >= --confidence
+                  over the draw of the calibration rows (exact binomial p-values; Hoeffding-Bentkus
+                  for the regression quality loss). 1.0 (no early exit) when nothing is certified.
+  point           the lowest threshold whose calibration score, and the score at every higher
+                  threshold, stays >= --min-relative-score x the final layer's. A point estimate
+                  with no guarantee: it can fall below its target on new data.
+
+risks (--method risk):
+  quality         needs labels. Classification: the rate of answers an exit gets wrong where the
+                  final layer is right; it bounds the accuracy drop against the final layer
+                  (--max-drop 0.01 = one point of accuracy). Regression: the mean of
+                  clip((|exit - y| - |final - y|) / label range, 0, 1), the increase of the absolute
+                  error as a fraction of the label range (not a bound on Spearman).
+  consistency     needs no labels: the rate of exit answers that differ from the final layer's
+                  (regression: by more than --tolerance). Calibrate on raw text from your own
+                  traffic: --data texts.txt (one input per line; a pair as two tab-separated columns).
+
+What is guaranteed: with probability >= confidence over the calibration rows, the expected risk on
+new inputs from the SAME distribution is <= max-drop. Not guaranteed: any single batch, another
+distribution (drift breaks it), or a metric other than the risk (F1, Matthews, Spearman).
+"""
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool, texts: bool = False) -> None:
     p.add_argument("--data", required=required, default=None if required else DEFAULT_DATA,
-                   help="GLUE task dir, CSV/TSV/JSONL file, or HF dataset name (e.g. glue/sst2)")
+                   help="GLUE task dir, CSV/TSV/JSONL file, or HF dataset name (e.g. glue/sst2)"
+                   + (", or a .txt file of unlabelled inputs (--risk consistency)" if texts else ""))
     p.add_argument("--text-column", default=None, help="generic files: the text column (default: text)")
     p.add_argument("--pair-column", default=None, help="generic files: the second text of a pair task")
     p.add_argument("--label-column", default="label", help="generic files: the label column")
@@ -62,13 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock runs")
     p.add_argument("--json", default=None, help="write the report here (plots go beside it)")
+    p.add_argument("--all-rows", action="store_true",
+                   help="also report on the rows the checkpoint's threshold was calibrated on (by default, when "
+                   "its calibration record names this data, those rows are left out); the report says so")
 
-    p = sub.add_parser("calibrate", help="choose and store the default threshold")
+    p = sub.add_parser("calibrate", help="choose and store the default threshold (risk-controlled by default)",
+                       description=CALIBRATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    _add_data_args(p, required=True)
-    p.add_argument("--split", default="dev")
-    p.add_argument("--min-relative-score", type=float, default=0.99)
-    p.add_argument("--max-samples", type=int, default=None)
+    _add_data_args(p, required=True, texts=True)
+    p.add_argument("--split", default="dev", help="the split of labelled data to use (default: dev)")
+    p.add_argument("--method", choices=["risk", "point"], default="risk",
+                   help="risk: Learn-then-Test, a guarantee (default); point: today's point estimate")
+    p.add_argument("--risk", choices=["quality", "consistency"], default=None,
+                   help="--method risk: what to bound (default quality; see above)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="--method risk: the largest allowed risk, e.g. 0.01 = one point of accuracy (default 0.01)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="--method risk: probability over the calibration draw that the bound holds (default 0.9)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="--risk consistency on a regression model (required there): an exit answer farther than "
+                   "this from the final layer's, in output units, counts as a disagreement")
+    p.add_argument("--min-relative-score", type=float, default=None,
+                   help="--method point: keep the calibration score >= this x the final layer's (default 0.99)")
+    p.add_argument("--calibration-fraction", type=float, default=0.5,
+                   help="the random fraction of the rows that chooses the threshold; the rest reports it (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration/report split (default 0)")
+    p.add_argument("--max-samples", type=int, default=None, help="a random subset of the rows first")
+    p.add_argument("--batch-size", type=int, default=32)
     p = sub.add_parser("export", help="export the final layer as a stock Hugging Face classifier")
     p.add_argument("checkpoint")
     p.add_argument("--output", "-o", required=True)
@@ -122,19 +173,39 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
     report = evaluate(ckpt, args.data, args.split, columns, args.criterion, args.max_samples, args.batch_size,
-                      () if args.no_timing else TIMED_THRESHOLDS)
+                      () if args.no_timing else TIMED_THRESHOLDS, include_calibration_rows=args.all_rows)
     print(format_report(report))
     if args.json:
         for path in write_report(report, Path(args.json)):
             print(f"wrote {path}")
 
 
+def calibration_method(args: argparse.Namespace):
+    """The calibration method the options ask for; an option of the other method is an error."""
+    from exitserve.models.calibration import PointMethod, RiskMethod
+
+    risk_options = {"--risk": args.risk, "--max-drop": args.max_drop, "--confidence": args.confidence,
+                    "--tolerance": args.tolerance}
+    if args.method == "point":
+        given = [name for name, value in risk_options.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to --method risk, not point")
+        return PointMethod(0.99 if args.min_relative_score is None else args.min_relative_score)
+    if args.min_relative_score is not None:
+        raise ValueError("--min-relative-score applies to --method point; --method risk takes --max-drop")
+    return RiskMethod(args.risk or "quality", 0.01 if args.max_drop is None else args.max_drop,
+                      0.9 if args.confidence is None else args.confidence, args.tolerance)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from exitserve.models.calibration import calibrate
     from exitserve.models.checkpoint import load_checkpoint
 
-    cfg = calibrate(load_checkpoint(args.checkpoint), args.data, args.split, args.min_relative_score,
-                    args.max_samples)
+    method = calibration_method(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
+    cfg = calibrate(ckpt, args.data, method, args.split, args.calibration_fraction, args.seed, args.max_samples,
+                    columns, args.batch_size)
     print(json.dumps(cfg.calibration, indent=2))
 
 

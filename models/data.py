@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,12 +49,22 @@ class Examples:
         """A random subset of n rows (all rows when n is None or too large)."""
         if n is None or n >= len(self):
             return self
-        rows = sorted(random.Random(seed).sample(range(len(self)), n))
+        return self.take(subset_rows(len(self), n, seed))
+
+    def take(self, rows: Sequence[int]) -> Examples:
+        """These rows, in this order."""
         return Examples(
             [self.texts[i] for i in rows],
             [self.pairs[i] for i in rows] if self.pairs is not None else None,
             [self.labels[i] for i in rows] if self.labels is not None else None,  # type: ignore[misc]
         )
+
+
+def subset_rows(total: int, n: int | None, seed: int) -> list[int]:
+    """The rows `Examples.subset(n, seed)` keeps out of `total` (all of them when n is None or too large)."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), n))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ from exitserve.models.checkpoint import Checkpoint
 from exitserve.models.criteria import ExitCriterion, expand_thresholds
 from exitserve.models.data import ColumnOptions, Examples, load_examples
 from exitserve.models.early_exit import AllExits
-from exitserve.models.encoding import encode
+from exitserve.models.encoding import Encoded, encode
+from exitserve.models.holdout import report_rows
 from exitserve.models.inference import predict, record_all_layers, simulate_exits
-from exitserve.models.scores import all_scores
+from exitserve.models.scores import all_scores, score
 from exitserve.models.tasks import TaskSpec
 
 # The sweep is fine enough for calibration; the printed table and the timing use a few points.
@@ -41,6 +43,59 @@ def per_layer_scores(recorded: AllExits, spec: TaskSpec, labels: Sequence[float]
     return rows
 
 
+@dataclass
+class ExitTable:
+    """Every sample's answer and exit layer at every threshold of a grid, replayed from one recorded
+    pass with the engine's decision rule: what the sweep and calibration need, any rows one index away."""
+
+    thresholds: list[float]
+    answers: np.ndarray  # [T, N]: the answering exit's answer (label id, or the regression value)
+    exit_layer: np.ndarray  # [T, N], 1-based
+    final: np.ndarray  # [N]: the final layer's answer
+    num_layers: int
+    regression: bool
+
+    def rows(self, rows: np.ndarray | Sequence[int]) -> ExitTable:
+        """The same table for these rows only."""
+        rows = np.asarray(rows, dtype=int)
+        return replace(self, answers=self.answers[:, rows], exit_layer=self.exit_layer[:, rows],
+                       final=self.final[rows])
+
+    def column(self, threshold: float) -> int:
+        """The grid index of `threshold`."""
+        return self.thresholds.index(threshold)
+
+
+def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] = SWEEP_GRID) -> ExitTable:
+    num_layers = recorded.logits.shape[0]
+    sims = [simulate_exits(recorded, criterion, [threshold] * num_layers) for threshold in grid]
+    return ExitTable(
+        thresholds=[float(t) for t in grid],
+        answers=np.stack([answers(sim.logits, criterion.regression).numpy() for sim in sims]).astype(float),
+        exit_layer=np.stack([sim.exit_layer.numpy() for sim in sims]),
+        final=answers(recorded.logits[-1], criterion.regression).numpy().astype(float),
+        num_layers=num_layers,
+        regression=criterion.regression,
+    )
+
+
+def sweep_rows(table: ExitTable, metric: str, labels: Sequence[float]) -> list[dict]:
+    """Score, relative score, mean exit layer and layers saved at each threshold of the table."""
+    final = score(metric, table.final, labels)
+    rows = []
+    for threshold, answered, exit_layer in zip(table.thresholds, table.answers, table.exit_layer, strict=True):
+        value = score(metric, answered, labels)
+        mean_exit = float(exit_layer.mean())
+        rows.append({
+            "threshold": threshold,
+            "score": value,
+            "relative_score": value / final if final else float("nan"),
+            "mean_exit_layer": mean_exit,
+            "layers_saved": 1.0 - mean_exit / table.num_layers,
+        })
+    return rows
+
+
 def sweep(
     recorded: AllExits,
     criterion: ExitCriterion,
@@ -49,21 +104,7 @@ def sweep(
     grid: Sequence[float] = SWEEP_GRID,
 ) -> list[dict]:
     """Score and mean exit layer at each threshold (one threshold for all layers)."""
-    num_layers = recorded.logits.shape[0]
-    final = all_scores(spec.metric, answers(recorded.logits[-1], spec.is_regression).tolist(), labels)[spec.metric]
-    rows = []
-    for threshold in grid:
-        sim = simulate_exits(recorded, criterion, [threshold] * num_layers)
-        value = all_scores(spec.metric, answers(sim.logits, spec.is_regression).tolist(), labels)[spec.metric]
-        mean_exit = float(sim.exit_layer.float().mean())
-        rows.append({
-            "threshold": threshold,
-            "score": value,
-            "relative_score": value / final if final else float("nan"),
-            "mean_exit_layer": mean_exit,
-            "layers_saved": 1.0 - mean_exit / num_layers,
-        })
-    return rows
+    return sweep_rows(exit_table(recorded, criterion, grid), spec.metric, labels)
 
 
 def wall_clock(
@@ -102,27 +143,34 @@ def evaluate(
     max_samples: int | None = None,
     batch_size: int = 32,
     timed_thresholds: Sequence[float] = TIMED_THRESHOLDS,
+    include_calibration_rows: bool = False,
     backend: Backend | None = None,
 ) -> dict:
-    """Layer-wise scores and the threshold sweep from one recorded pass, plus wall-clock runs; on the
-    checkpoint's own torch model unless another `backend` is given."""
+    """Layer-wise scores and the threshold sweep from one recorded pass, plus wall-clock runs, on the
+    checkpoint's own torch model unless another `backend` is given; without the rows the checkpoint's
+    threshold was calibrated on when its calibration record names these rows (models/holdout.py),
+    unless asked to include them."""
     cfg = checkpoint.exit_config
     backend = backend or create_backend(checkpoint)
     spec, rows = load_split_for(checkpoint, data, split, columns)
+    rows, selection = report_rows(cfg.calibration, rows, include_calibration_rows)
+    if max_samples is not None and max_samples < len(rows):
+        selection["note"] += f"; a random {max_samples} of them (--max-samples)"
     rows = rows.subset(max_samples, seed=0)
     criterion = cfg.make_criterion(criterion_name)
     samples = encode(checkpoint.tokenizer, rows.texts, rows.pairs, cfg.max_length)
-    with tqdm(total=len(samples), desc="recording all layers", unit="sample") as bar:
-        recorded = record_all_layers(backend, samples, batch_size, bar)
+    recorded = record_outputs(backend, samples, batch_size)
     layers = per_layer_scores(recorded, spec, rows.labels)
     timings = wall_clock(backend, criterion, samples, timed_thresholds, batch_size) if timed_thresholds else []
     return {
         "checkpoint": str(checkpoint.path),
         "data": data,
         "split": split,
+        "rows": selection,
         "samples": len(rows),
         "metric": spec.metric,
         "criterion": criterion.name,
+        "calibrated_threshold": cfg.default_threshold,
         "num_layers": cfg.num_layers,
         "final_layer_score": layers[-1]["score"],
         "final_layer_scores": layers[-1]["scores"],
@@ -131,6 +179,12 @@ def evaluate(
         "wall_clock": {"batch_size": batch_size, "backend": backend.name, "device": str(backend.device),
                        "torch_threads": torch.get_num_threads(), "runs": timings},
     }
+
+
+def record_outputs(backend: Backend, samples: list[Encoded], batch_size: int = 32) -> AllExits:
+    """`record_all_layers` over encoded samples, with a progress bar."""
+    with tqdm(total=len(samples), desc="recording all layers", unit="sample") as bar:
+        return record_all_layers(backend, samples, batch_size, bar)
 
 
 def load_split_for(
@@ -182,6 +236,7 @@ def plot_report(report: dict, stem: Path) -> list[Path]:
 
 def format_report(report: dict) -> str:
     lines = [
+        *([f"rows: {report['rows']['note']}"] if "rows" in report else []),
         f"{report['samples']} samples, metric {report['metric']}, criterion {report['criterion']}",
         f"final layer: {report['final_layer_scores']}",
         "",
@@ -190,12 +245,14 @@ def format_report(report: dict) -> str:
         "",
         "threshold  score   relative  mean_exit  layers_saved",
     ]
-    shown = set(TIMED_THRESHOLDS) | {0.0, 0.6}
+    calibrated = report.get("calibrated_threshold")
+    shown = set(TIMED_THRESHOLDS) | {0.0, 0.6, calibrated if isinstance(calibrated, float) else 1.0}
     for r in report["sweep"]:
         if r["threshold"] in shown:
             lines.append(
                 f"{r['threshold']:>9.3f}  {r['score']:.4f}  {r['relative_score']:.4f}    "
                 f"{r['mean_exit_layer']:.2f}       {r['layers_saved']:.1%}"
+                + ("   <- the checkpoint's calibrated threshold" if r["threshold"] == calibrated else "")
             )
     runs = report["wall_clock"]["runs"]
     if runs:

@@ -1,4 +1,4 @@
-"""Evaluation report, plots, calibration, and the CLI around them (tiny model, real SST-2 rows)."""
+"""Evaluation report, plots, and the CLI around them (tiny model, real SST-2 rows); calibration: test_calibration."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import json
 import pytest
 
 from exitserve.cli import main
-from exitserve.models.calibration import choose_threshold
-from exitserve.models.checkpoint import ExitConfig, load_checkpoint, save_checkpoint
+from exitserve.models.checkpoint import save_checkpoint
 from tests.conftest import GLUE, TINY_LAYERS, make_exit_config, make_model
 
 DATA = str(GLUE / "SST-2")
@@ -24,6 +23,7 @@ def test_evaluate_cli_writes_json_and_plots(ckpt, tmp_path, capsys):
     assert main(["evaluate", str(ckpt), "--data", DATA, "--max-samples", "64", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["metric"] == "accuracy" and report["samples"] == 64
+    assert report["rows"]["rows"] == "all"  # this checkpoint was never calibrated on these rows
     assert [r["layer"] for r in report["per_layer"]] == list(range(1, TINY_LAYERS + 1))
     assert report["final_layer_score"] == report["per_layer"][-1]["score"]
     by_t = {r["threshold"]: r for r in report["sweep"]}
@@ -37,31 +37,6 @@ def test_evaluate_cli_writes_json_and_plots(ckpt, tmp_path, capsys):
         assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "layers_saved" in printed and "wall-clock" in printed
-
-
-def test_choose_threshold_is_the_lowest_that_stays_above_target():
-    rows = [
-        {"threshold": 0.5, "score": 0.80},
-        {"threshold": 0.6, "score": 0.90},  # a lucky dip above target, but 0.7 falls below
-        {"threshold": 0.7, "score": 0.85},
-        {"threshold": 0.8, "score": 0.895},
-        {"threshold": 0.9, "score": 0.91},
-        {"threshold": 1.0, "score": 0.90},
-    ]
-    assert choose_threshold(rows, final_score=0.90, min_relative_score=0.99)["threshold"] == 0.8
-    assert choose_threshold(rows, final_score=0.90, min_relative_score=1.0)["threshold"] == 0.9
-    assert choose_threshold(rows, final_score=2.0, min_relative_score=0.99)["threshold"] == 1.0
-
-
-def test_calibrate_cli_stores_the_threshold_in_the_checkpoint(ckpt, capsys):
-    assert main(["calibrate", str(ckpt), "--data", DATA, "--max-samples", "64", "--min-relative-score", "0.95"]) == 0
-    cfg = ExitConfig.read(ckpt)
-    cal = cfg.calibration
-    assert cfg.default_threshold == cal["threshold"]
-    assert cal["score"] >= 0.95 * cal["final_layer_score"]
-    assert 0.0 <= cal["layers_saved"] < 1.0 and cal["samples"] == 64
-    assert load_checkpoint(ckpt).exit_config.thresholds() == [cal["threshold"]] * TINY_LAYERS
-    assert json.loads(capsys.readouterr().out)["threshold"] == cal["threshold"]
 
 
 def test_cli_reports_a_broken_checkpoint_as_an_error(tmp_path, capsys):

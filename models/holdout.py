@@ -1,0 +1,78 @@
+"""Calibration rows and report rows: a threshold is never reported on the rows that chose it.
+
+`exitserve calibrate` splits the rows it is given with a fixed seed: a fraction (default half)
+chooses the threshold and the complement reports it (for GLUE: half of dev calibrates, the other
+half reports). The checkpoint's calibration record keeps the seed, the fraction, the row subset
+(`--max-samples`) and a fingerprint of the rows, so `exitserve evaluate` on the same data finds the
+calibration rows again — wherever the data now lives — and by default reports only on the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from exitserve.models.data import Examples, subset_rows
+
+
+def fingerprint(rows: Examples) -> str:
+    """A short hash of the inputs, in order (labels are not part of it: text files have none)."""
+    digest = hashlib.sha256()
+    for i, text in enumerate(rows.texts):
+        pair = rows.pairs[i] if rows.pairs is not None else ""
+        digest.update(f"{text}\x1f{pair}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+def split_rows(total: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration rows, report rows) of `total` rows: a random `fraction` of them, and the rest."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError("--calibration-fraction must lie in (0, 1]")
+    size = round(total * fraction)
+    if size < 1:
+        raise ValueError(f"a calibration fraction of {fraction} of {total} rows leaves no calibration row")
+    order = np.random.default_rng(seed).permutation(total)
+    return np.sort(order[:size]), np.sort(order[size:])
+
+
+def selection(rows: Examples, max_samples: int | None, fraction: float, seed: int) -> dict:
+    """How calibration picked its rows out of `rows` (the whole loaded split), for the record."""
+    return {"data_fingerprint": fingerprint(rows), "max_samples": max_samples,
+            "calibration_fraction": fraction, "seed": seed}
+
+
+def calibration_rows(record: dict | None, rows: Examples) -> np.ndarray | None:
+    """The rows of `rows` (a whole loaded split) that chose the recorded threshold, or None when
+    the record was not made on these rows."""
+    if not record or record.get("data_fingerprint") != fingerprint(rows):
+        return None
+    kept = np.asarray(subset_rows(len(rows), record["max_samples"], seed=0))
+    chosen, _ = split_rows(len(kept), record["calibration_fraction"], record["seed"])
+    return kept[chosen]
+
+
+def report_rows(record: dict | None, rows: Examples, include_calibration_rows: bool = False) -> tuple[Examples, dict]:
+    """The rows to report on and a description of the choice: every row except those the threshold
+    was calibrated on (unless `include_calibration_rows`, or the record was not made on these rows)."""
+    chosen = calibration_rows(record, rows)
+    total = len(rows)
+    if chosen is None:
+        if record and "data_fingerprint" not in record:
+            note = (f"all {total} rows; the calibration record predates held-out calibration (chosen on "
+                    f"{record.get('split', '?')} of {record.get('data', '?')}): if that is this data, "
+                    "these scores include the rows that chose the threshold")
+        else:
+            note = f"all {total} rows (the checkpoint's threshold was not calibrated on this data)"
+        return rows, {"rows": "all", "samples": total, "calibration_rows_included": None, "note": note}
+    if include_calibration_rows:
+        note = f"all {total} rows, INCLUDING the {len(chosen)} rows the threshold was calibrated on"
+        return rows, {"rows": "all", "samples": total, "calibration_rows_included": len(chosen), "note": note}
+    keep = np.setdiff1d(np.arange(total), chosen)
+    if not len(keep):
+        raise ValueError("every row of this data chose the calibrated threshold; evaluate on other data "
+                         "or pass --all-rows")
+    note = (f"report rows only: {len(keep)} of {total} (the other {len(chosen)} chose the calibrated "
+            "threshold; --all-rows includes them)")
+    return rows.take(keep.tolist()), {"rows": "report", "samples": len(keep), "calibration_rows_included": 0,
+                                      "note": note}
