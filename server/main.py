@@ -14,10 +14,12 @@ import sys
 import threading
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from exitserve.models.backbones import BackboneError
 from exitserve.models.checkpoint import CheckpointError
 from exitserve.server.app import create_app
+from exitserve.server.connections import guarded_protocol
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 
@@ -58,9 +60,11 @@ def run(settings: Settings) -> int:
     log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s)", settings.checkpoint,
              service.config.task, service.config.num_layers, service.criterion.name, service.config.default_threshold)
     app = create_app(settings, service)
+    refused = service.metrics.failures
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.drain_timeout) or None,
+        timeout_graceful_shutdown=int(settings.drain_timeout) or None, timeout_keep_alive=settings.keep_alive_timeout,
+        http=guarded_protocol(AutoHTTPProtocol, settings, lambda reason: refused.labels(reason).inc()),
     )
     server = DrainingServer(config, app.state, settings.drain_delay)
     server.run()
