@@ -9,6 +9,8 @@ does not help: it answers 503 to requests over the limit but holds their connect
 - a request head (request line and headers) must be complete within `header_timeout` seconds from
   the connection's opening, or from the first byte of the next request on a kept-alive connection;
   otherwise the connection is closed (with a 408 in the error format if some of the head had come);
+- a request head holds at most `MAX_HEAD_BYTES` (with httptools nothing bounds it: a client could
+  stream hundreds of MB of one header into memory); beyond, 431 and the connection is closed;
 - at most `max_connections` connections are open: one more is answered 503 and closed at once.
 
 The request body is bounded in time by GuardMiddleware (`body_timeout`), where the app reads it.
@@ -22,6 +24,8 @@ import json
 from collections.abc import Callable
 
 from exitserve.server.settings import Settings
+
+MAX_HEAD_BYTES = 64 * 1024  # request line + headers; nginx allows 4 x 8 KiB by default, h11 16 KiB
 
 
 def _error_bytes(status: int, reason: str, type_: str, message: str, extra: str = "") -> bytes:
@@ -37,7 +41,7 @@ class SlowClientGuard:
 
     header_timeout: float
     max_connections: int
-    on_refused: Callable[[str], None]  # called with the failure reason: "header_timeout", "too_many_connections"
+    on_refused: Callable[[str], None]  # called with the failure reason (header_timeout, header_too_large, ...)
 
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0
@@ -45,11 +49,9 @@ class SlowClientGuard:
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            self.on_refused("too_many_connections")
-            transport.write(_error_bytes(503, "Service Unavailable", "too_many_connections",
-                                         f"the server holds {self.max_connections} connections; retry later",
-                                         "retry-after: 1\r\n"))
-            transport.close()
+            self._refuse("too_many_connections", _error_bytes(
+                503, "Service Unavailable", "too_many_connections",
+                f"the server holds {self.max_connections} connections; retry later", "retry-after: 1\r\n"))
             return
         self._arm()
 
@@ -60,6 +62,10 @@ class SlowClientGuard:
         super().data_received(data)
         if not self._waiting_for_head():
             self._disarm()
+        elif self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse("header_too_large", _error_bytes(
+                431, "Request Header Fields Too Large", "header_too_large",
+                f"the request head is over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -82,10 +88,17 @@ class SlowClientGuard:
         self._head_timer = None
         if self.transport.is_closing():
             return
-        self.on_refused("header_timeout")
-        if self._head_bytes:  # a client that sent nothing (an idle pre-opened connection) is closed silently
-            self.transport.write(_error_bytes(408, "Request Timeout", "request_timeout",
-                                              f"the request head did not arrive within {self.header_timeout:g} s"))
+        answer = _error_bytes(408, "Request Timeout", "request_timeout",
+                              f"the request head did not arrive within {self.header_timeout:g} s")
+        # a client that sent nothing (an idle pre-opened connection) is closed without an answer
+        self._refuse("header_timeout", answer if self._head_bytes else b"")
+
+    def _refuse(self, reason: str, answer: bytes) -> None:
+        """Count the refusal (a failure `reason`), send `answer` and close the connection."""
+        self._disarm()
+        self.on_refused(reason)
+        if answer:
+            self.transport.write(answer)
         self.transport.close()
 
 

@@ -14,7 +14,8 @@ import sys
 import threading
 
 import uvicorn
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from exitserve.models.backbones import BackboneError
 from exitserve.models.checkpoint import CheckpointError
@@ -64,7 +65,8 @@ def run(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_timeout) or None, timeout_keep_alive=settings.keep_alive_timeout,
-        http=guarded_protocol(AutoHTTPProtocol, settings, lambda reason: refused.labels(reason).inc()),
+        http=guarded_protocol(import_from_string(HTTP_PROTOCOLS[settings.http_protocol]), settings,
+                              lambda reason: refused.labels(reason).inc()),
     )
     server = DrainingServer(config, app.state, settings.drain_delay)
     server.run()

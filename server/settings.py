@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,9 @@ class Settings(BaseSettings):
     keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle kept-alive connection stays open")
     max_connections: int = Field(
         1024, ge=1, description="open connections; one more is answered 503 and closed at once"
+    )
+    http_protocol: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn's HTTP parser (auto: httptools when installed, else h11)"
     )
     drain_delay: float = Field(
         0.0, ge=0, description="seconds between /ready turning 503 and closing the listener on SIGTERM "
