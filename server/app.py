@@ -20,6 +20,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from exitserve.server.docs_ui import docs_router
 from exitserve.server.error_format import error_response
 from exitserve.server.errors import APIError, ClientGone, api_error, install_error_handlers
 from exitserve.server.guard import GuardMiddleware
@@ -204,10 +205,11 @@ def create_app(settings: Settings, service: PredictionService | None = None) -> 
         app.state.draining = True
         app.state.service.stop()
 
-    app = FastAPI(title="exitserve", version=version(), lifespan=lifespan,
+    app = FastAPI(title="exitserve", version=version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Early-exit (BERxiT) inference for transformer encoders.")
     app.state.settings, app.state.service, app.state.draining = settings, service, False
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(docs_router(app.title))  # /docs with its assets served locally (works offline)
     app.add_middleware(GuardMiddleware, state=app.state)
     return app
