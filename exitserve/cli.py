@@ -162,7 +162,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queued_requests=args.max_queued_requests, metrics_port=args.metrics_port,
         )
         return ray_serve.run(Settings(**overrides), options, args.ray_address)
-    return run(Settings(**overrides))
+    from exitserve.server.allocator import preload
+
+    settings = Settings(**overrides)
+    preload(settings.allocator)  # re-executes this process on jemalloc (if installed); see server/allocator.py
+    return run(settings)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,

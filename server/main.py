@@ -19,6 +19,7 @@ from uvicorn.importer import import_from_string
 
 from exitserve.models.backbones import BackboneError
 from exitserve.models.checkpoint import CheckpointError
+from exitserve.server import allocator
 from exitserve.server.app import create_app
 from exitserve.server.connections import guarded_protocol
 from exitserve.server.service import PredictionService
@@ -58,6 +59,7 @@ def run(settings: Settings) -> int:
     except (CheckpointError, BackboneError) as exc:
         print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
         return 2
+    log.info("allocator: %s", allocator.loaded() or "system malloc")
     log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s)", settings.checkpoint,
              service.config.task, service.config.num_layers, service.criterion.name, service.config.default_threshold)
     app = create_app(settings, service)
