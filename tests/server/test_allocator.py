@@ -1,0 +1,92 @@
+"""`exitserve serve` runs on jemalloc when it is installed (as the Docker image does), re-executing
+itself once with LD_PRELOAD; the choice, the re-exec and its refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exitserve.cli import main as cli_main
+from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
+from exitserve.server import allocator
+from exitserve.server.allocator import REEXEC_MARK, AllocatorError, choose, find_jemalloc, preload
+
+JEMALLOC, MIMALLOC = Path("/x/libjemalloc.so.2"), Path("/y/libmimalloc.so")
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Pretend which allocators are installed: installed("jemalloc", "mimalloc")."""
+    def pretend(*names: str) -> None:
+        for name, path in (("jemalloc", JEMALLOC), ("mimalloc", MIMALLOC)):
+            monkeypatch.setitem(allocator.FINDERS, name, lambda path=path, name=name: path if name in names else None)
+
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    return pretend
+
+
+@pytest.mark.parametrize(
+    ("present", "setting", "expected"),
+    [
+        (("jemalloc", "mimalloc"), "auto", ("jemalloc", JEMALLOC)),
+        (("mimalloc",), "auto", ("mimalloc", MIMALLOC)),
+        ((), "auto", ("system", None)),
+        (("jemalloc", "mimalloc"), "mimalloc", ("mimalloc", MIMALLOC)),
+        (("jemalloc",), "system", ("system", None)),
+    ],
+)
+def test_the_choice(installed, present, setting, expected):
+    installed(*present)
+    assert choose(setting) == expected
+
+
+def test_a_named_allocator_that_is_missing_is_refused_with_the_install_command(installed):
+    installed("mimalloc")
+    with pytest.raises(AllocatorError, match=r"allocator jemalloc is not installed \(apt-get install libjemalloc2\)"):
+        choose("jemalloc")
+
+
+def test_preload_re_executes_once_with_the_library_in_front_of_ld_preload(installed, monkeypatch):
+    installed("jemalloc")
+    calls = []
+    monkeypatch.setattr(allocator.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(allocator, "loaded", lambda: None)
+    monkeypatch.setattr(allocator.sys, "orig_argv", ["python3", "-m", "exitserve", "serve", "--port", "9"])
+    monkeypatch.setenv("LD_PRELOAD", "/other.so")
+    monkeypatch.delenv(REEXEC_MARK, raising=False)
+    preload("auto")
+    (executable, argv, env), = calls
+    assert executable == sys.executable and argv == [sys.executable, "-m", "exitserve", "serve", "--port", "9"]
+    assert env["LD_PRELOAD"] == f"{JEMALLOC}:/other.so" and env[REEXEC_MARK] == "jemalloc"
+    monkeypatch.setenv(REEXEC_MARK, "jemalloc")  # the re-executed process: never again
+    preload("auto")
+    monkeypatch.delenv(REEXEC_MARK)
+    monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")  # preloaded already (the Docker image)
+    preload("auto")
+    assert len(calls) == 1
+
+
+def test_serve_refuses_a_missing_named_allocator_in_one_line(installed, capsys):
+    installed()
+    assert cli_main(["serve", "--set", "allocator=jemalloc", "--set", "warmup=false"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "allocator jemalloc is not installed" in lines[0]
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed on this machine")
+def test_a_real_serve_process_runs_on_jemalloc_when_it_is_installed(tiny_checkpoint):
+    for setting, expect in (("auto", True), ("system", False)):
+        port = free_port()
+        cmd = exitserve_command(tiny_checkpoint, port, "warmup=false", f"allocator={setting}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()  # the same PID after the re-exec
+        finally:
+            proc.terminate()
+            log = proc.communicate(timeout=30)[1]
+        assert ("libjemalloc.so.2" in maps) is expect, setting
+        assert f"allocator: {'jemalloc' if expect else 'system malloc'}" in log
