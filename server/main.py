@@ -3,10 +3,10 @@
 The checkpoint is loaded before uvicorn starts, so a broken one stops start-up with a one-line
 reason and exit code 2 and the server never answers at all. uvicorn runs with the connection limits
 of server/connections.py (slow heads, head size, number of connections) and `keep_alive_timeout`; the
-CLI has already re-executed the process on jemalloc when it is installed (server/allocator.py). On SIGTERM/SIGINT /ready turns 503
-first; `drain_delay` seconds later (default 0: at once) uvicorn stops accepting connections and
-finishes in-flight requests (up to `drain_timeout` seconds), then the scheduler stops and the
-process exits. A second signal skips the delay.
+CLI has already re-executed the process on jemalloc when it is installed (server/allocator.py).
+On SIGTERM/SIGINT /ready turns 503 first; `drain_delay` seconds later (default 0: at once) uvicorn
+stops accepting connections and finishes in-flight requests (up to `drain_timeout` seconds), then the
+scheduler stops and the process exits. A second signal skips the delay.
 """
 
 from __future__ import annotations

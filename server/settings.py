@@ -39,9 +39,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024, ge=1, description="open connections; one more is answered 503 and closed at once"
     )
-    allocator: Literal["auto", "jemalloc", "mimalloc", "system"] = Field(
+    allocator: Literal["auto", "jemalloc", "system"] = Field(
         "auto", description="C allocator `exitserve serve` re-executes itself with (auto: jemalloc if installed, "
-        "else mimalloc if installed, else the system's); see server/allocator.py"
+        "else the system's); see server/allocator.py"
     )
     http_protocol: Literal["auto", "h11", "httptools"] = Field(
         "auto", description="uvicorn's HTTP parser (auto: httptools when installed, else h11)"

@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from exitserve.loadtest.reliability.scenarios import Options
+from exitserve.loadtest.reliability.slow_clients import slow_clients
 from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
 
 LIMITS = ("header_timeout=1", "body_timeout=1", "keep_alive_timeout=1", "max_connections=6")
@@ -156,3 +158,15 @@ def test_connections_over_the_cap_are_refused_at_once_and_service_resumes(server
         assert time.monotonic() < end, "not served after the held connections closed"
         time.sleep(0.1)
     assert failures(server, "too_many_connections") >= 1
+
+
+def test_the_slow_clients_run_measures_what_the_server_holds(tiny_checkpoint, tmp_path):
+    opts = Options(tiny_checkpoint, ["header_timeout=1", "body_timeout=1", "warmup=false"], tmp_path,
+                   ["a fine film"], logs=tmp_path)
+    result = slow_clients(opts, count=3, seconds=4)
+    for kind in ("idle", "head", "body"):
+        assert result["kinds"][kind]["opened"] == 3 and result["kinds"][kind]["still_open_at_end"] == 0, kind
+    assert result["kinds"]["idle"]["answers"] == {"None": 3}  # closed without an answer
+    assert result["kinds"]["head"]["answers"] == result["kinds"]["body"]["answers"] == {"408": 3}
+    assert set(result["probes"]) == {"200"}
+    assert (tmp_path / "slow-clients.json").is_file() and (tmp_path / "slow-clients.png").is_file()

@@ -1,5 +1,5 @@
 """`exitserve serve` runs on jemalloc when it is installed (as the Docker image does), re-executing
-itself once with LD_PRELOAD; the choice, the re-exec and its refusals."""
+itself once with LD_PRELOAD; the choice, where jemalloc is found, the re-exec and its refusal."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
 from exitserve.server import allocator
 from exitserve.server.allocator import REEXEC_MARK, AllocatorError, choose, find_jemalloc, preload
 
-JEMALLOC, MIMALLOC = Path("/x/libjemalloc.so.2"), Path("/y/libmimalloc.so")
+JEMALLOC = Path("/x/libjemalloc.so.2")
 
 
 @pytest.fixture
 def installed(monkeypatch):
-    """Pretend which allocators are installed: installed("jemalloc", "mimalloc")."""
-    def pretend(*names: str) -> None:
-        for name, path in (("jemalloc", JEMALLOC), ("mimalloc", MIMALLOC)):
-            monkeypatch.setitem(allocator.FINDERS, name, lambda path=path, name=name: path if name in names else None)
+    """installed(True): pretend libjemalloc.so.2 is installed (at JEMALLOC); installed(False): it is not."""
+    def pretend(present: bool) -> None:
+        monkeypatch.setattr(allocator, "find_jemalloc", lambda: JEMALLOC if present else None)
 
     monkeypatch.setattr(allocator.sys, "platform", "linux")
     return pretend
@@ -30,27 +29,30 @@ def installed(monkeypatch):
 
 @pytest.mark.parametrize(
     ("present", "setting", "expected"),
-    [
-        (("jemalloc", "mimalloc"), "auto", ("jemalloc", JEMALLOC)),
-        (("mimalloc",), "auto", ("mimalloc", MIMALLOC)),
-        ((), "auto", ("system", None)),
-        (("jemalloc", "mimalloc"), "mimalloc", ("mimalloc", MIMALLOC)),
-        (("jemalloc",), "system", ("system", None)),
-    ],
+    [(True, "auto", JEMALLOC), (False, "auto", None), (True, "jemalloc", JEMALLOC), (True, "system", None)],
 )
 def test_the_choice(installed, present, setting, expected):
-    installed(*present)
+    installed(present)
     assert choose(setting) == expected
 
 
-def test_a_named_allocator_that_is_missing_is_refused_with_the_install_command(installed):
-    installed("mimalloc")
-    with pytest.raises(AllocatorError, match=r"allocator jemalloc is not installed \(apt-get install libjemalloc2\)"):
+def test_jemalloc_asked_for_by_name_but_missing_is_refused_with_the_install_command(installed):
+    installed(False)
+    with pytest.raises(AllocatorError, match=r"jemalloc is not installed \(apt-get install libjemalloc2"):
         choose("jemalloc")
 
 
+def test_the_virtualenv_s_copy_is_found_when_the_system_has_none(monkeypatch, tmp_path):
+    monkeypatch.setattr(allocator, "SYSTEM_LIB_DIRS", (str(tmp_path / "usr-lib"),))
+    monkeypatch.setattr(allocator.sys, "prefix", str(tmp_path / "venv"))
+    assert find_jemalloc() is None
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    (tmp_path / "venv" / "lib" / "libjemalloc.so.2").write_bytes(b"")  # where scripts/setup.sh puts it
+    assert find_jemalloc() == tmp_path / "venv" / "lib" / "libjemalloc.so.2"
+
+
 def test_preload_re_executes_once_with_the_library_in_front_of_ld_preload(installed, monkeypatch):
-    installed("jemalloc")
+    installed(True)
     calls = []
     monkeypatch.setattr(allocator.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setattr(allocator, "loaded", lambda: None)
@@ -60,8 +62,8 @@ def test_preload_re_executes_once_with_the_library_in_front_of_ld_preload(instal
     preload("auto")
     (executable, argv, env), = calls
     assert executable == sys.executable and argv == [sys.executable, "-m", "exitserve", "serve", "--port", "9"]
-    assert env["LD_PRELOAD"] == f"{JEMALLOC}:/other.so" and env[REEXEC_MARK] == "jemalloc"
-    monkeypatch.setenv(REEXEC_MARK, "jemalloc")  # the re-executed process: never again
+    assert env["LD_PRELOAD"] == f"{JEMALLOC}:/other.so" and env[REEXEC_MARK] == "1"
+    monkeypatch.setenv(REEXEC_MARK, "1")  # the re-executed process: never again
     preload("auto")
     monkeypatch.delenv(REEXEC_MARK)
     monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")  # preloaded already (the Docker image)
@@ -70,7 +72,7 @@ def test_preload_re_executes_once_with_the_library_in_front_of_ld_preload(instal
 
 
 def test_serve_refuses_a_missing_named_allocator_in_one_line(installed, capsys):
-    installed()
+    installed(False)
     assert cli_main(["serve", "--set", "allocator=jemalloc", "--set", "warmup=false"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "allocator jemalloc is not installed" in lines[0]
