@@ -35,8 +35,9 @@ class Held:
 
 @dataclass
 class Timeline:
-    held: list[dict[str, int]] = field(default_factory=list)  # per second: connections still open, per kind
-    probes: list[str] = field(default_factory=list)  # per second: an ordinary request's status
+    at: list[float] = field(default_factory=list)  # seconds since the start, of each tick (about one a second)
+    held: list[dict[str, int]] = field(default_factory=list)  # per tick: connections still open, per kind
+    probes: list[str] = field(default_factory=list)  # per tick: an ordinary request's status
 
 
 async def hold(kind: str, port: int, start: float, end: float) -> Held:
@@ -75,6 +76,7 @@ async def watch(port: int, conns: list[asyncio.Task], kinds: list[str], start: f
     async with httpx.AsyncClient(timeout=5, headers={"connection": "close"}) as client:
         while time.monotonic() < end:
             tick = time.monotonic()
+            timeline.at.append(round(tick - start, 2))
             still = Counter(k for k, task in zip(kinds, conns, strict=True) if not task.done())
             timeline.held.append({k: still[k] for k in KINDS})
             try:
@@ -112,7 +114,7 @@ def slow_clients(opts: Options, count: int = 300, seconds: float = 45) -> dict:
     print(f"ordinary requests during the run (one a second): {probes}; server RSS peak {peak_rss:.0f} MiB")
     result = {"run": "slow-clients", "machine": machine(opts), "settings": opts.settings, "count_per_kind": count,
               "seconds": seconds, "kinds": summary, "probes": probes, "peak_rss_mib": round(peak_rss, 1),
-              "timeline": {"held": timeline.held, "probes": timeline.probes}}
+              "timeline": {"at": timeline.at, "held": timeline.held, "probes": timeline.probes}}
     print(f"wrote {write_json(opts.out / 'slow-clients.json', result)}")
     print(f"wrote {plot(opts.out / 'slow-clients.png', timeline, count, opts.settings)}")
     return result
@@ -122,12 +124,12 @@ def plot(path, timeline: Timeline, count: int, settings: list[str]):
     """Connections still held per kind, second by second; the ordinary requests' outcomes below."""
     fig, (held, probes) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(3, 1))
     for kind in KINDS:
-        held.plot([row[kind] for row in timeline.held], label=f"{kind} ({count} opened)")
+        held.plot(timeline.at, [row[kind] for row in timeline.held], label=f"{kind} ({count} opened)")
     held.set_ylabel("connections held open")
     held.set_title("slow clients: " + (" ".join(settings) or "default settings"), fontsize=10)
     held.legend()
     statuses = sorted(set(timeline.probes))
-    probes.scatter(range(len(timeline.probes)), [statuses.index(p) for p in timeline.probes], s=12)
+    probes.scatter(timeline.at, [statuses.index(p) for p in timeline.probes], s=12)
     probes.set_yticks(range(len(statuses)), statuses)
     probes.set_ylabel("ordinary\nrequest")
     probes.set_xlabel("seconds since the slow clients connected")
