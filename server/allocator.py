@@ -3,8 +3,10 @@
 Under steady load glibc's malloc keeps the memory that batch tensors of varying shapes leave behind,
 so a bare server's resident memory ratchets up, where jemalloc hands unused pages back to the OS
 (docs/RELIABILITY.md, Soak and Overload). An allocator can only be swapped before the process starts,
-so `exitserve serve` re-executes itself once, with the library in LD_PRELOAD, before it imports any
-model code; the process keeps its PID, arguments and environment. The `allocator` setting chooses:
+so `exitserve serve` re-executes itself once, with the library in LD_PRELOAD, before it imports torch
+(first thing in the CLI's `main`); the process keeps its PID, arguments and environment. The
+`allocator` setting (`--set allocator=...` or EXITSERVE_ALLOCATOR, read here before the CLI parses its
+arguments) chooses:
 
 - `auto` (default): jemalloc if found, else the system's malloc;
 - `jemalloc`: jemalloc, or refuse to start when it is missing;
@@ -17,6 +19,7 @@ without root (`apt-get download` + `dpkg-deb -x`). Linux only (LD_PRELOAD); `aut
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -59,12 +62,28 @@ def choose(setting: str) -> Path | None:
     return library
 
 
+def requested(argv: list[str]) -> str:
+    """The `allocator` setting of a command line: `--set allocator=X` (the last one, as in the CLI),
+    else EXITSERVE_ALLOCATOR, else auto."""
+    items = [value for flag, value in itertools.pairwise(argv) if flag == "--set"]
+    items += [arg.removeprefix("--set=") for arg in argv if arg.startswith("--set=")]
+    chosen = [item.split("=", 1)[1] for item in items if item.startswith("allocator=")]
+    return chosen[-1] if chosen else os.environ.get("EXITSERVE_ALLOCATOR", "auto")
+
+
+def preload_for(argv: list[str]) -> None:
+    """For `exitserve serve ...` (not `--ray`, whose replicas are Ray's processes): `preload` with the
+    setting the command line asks for. Any other command runs as it is."""
+    if argv[:1] == ["serve"] and "--ray" not in argv:
+        preload(requested(argv))
+
+
 def preload(setting: str) -> None:
     """Re-execute this process with the chosen allocator preloaded, unless it is loaded already (the
     Docker image sets LD_PRELOAD itself) or the system's is chosen. Returns only when no re-exec
     is needed."""
-    if os.environ.get(REEXEC_MARK) or loaded() is not None:
-        return
+    if setting not in ("auto", "jemalloc") or os.environ.get(REEXEC_MARK) or loaded() is not None:
+        return  # system, or a value the settings will refuse with their own message
     library = choose(setting)
     if library is None:
         return

@@ -12,7 +12,15 @@ import pytest
 from exitserve.cli import main as cli_main
 from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
 from exitserve.server import allocator
-from exitserve.server.allocator import REEXEC_MARK, AllocatorError, choose, find_jemalloc, preload
+from exitserve.server.allocator import (
+    REEXEC_MARK,
+    AllocatorError,
+    choose,
+    find_jemalloc,
+    preload,
+    preload_for,
+    requested,
+)
 
 JEMALLOC = Path("/x/libjemalloc.so.2")
 
@@ -71,11 +79,45 @@ def test_preload_re_executes_once_with_the_library_in_front_of_ld_preload(instal
     assert len(calls) == 1
 
 
-def test_serve_refuses_a_missing_named_allocator_in_one_line(installed, capsys):
+def test_serve_refuses_a_missing_named_allocator_in_one_line(installed, monkeypatch, capsys):
     installed(False)
-    assert cli_main(["serve", "--set", "allocator=jemalloc", "--set", "warmup=false"]) == 2
+    monkeypatch.setattr(sys, "argv", ["exitserve", "serve", "--set", "allocator=jemalloc", "--set", "warmup=false"])
+    assert cli_main() == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "allocator jemalloc is not installed" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["serve"], None, "auto"),
+        (["serve"], "system", "system"),
+        (["serve", "--set", "allocator=system"], "jemalloc", "system"),  # the command line wins
+        (["serve", "--set=allocator=jemalloc", "--port", "1"], None, "jemalloc"),
+        (["serve", "--set", "allocator=system", "--set", "allocator=jemalloc"], None, "jemalloc"),  # the last
+        (["serve", "--set", "port=1"], None, "auto"),
+    ],
+)
+def test_the_setting_is_read_from_the_command_line_before_the_parser(monkeypatch, argv, env, expected):
+    if env is None:
+        monkeypatch.delenv("EXITSERVE_ALLOCATOR", raising=False)
+    else:
+        monkeypatch.setenv("EXITSERVE_ALLOCATOR", env)
+    assert requested(argv) == expected
+
+
+def test_only_a_plain_serve_re_executes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "preload", calls.append)
+    monkeypatch.delenv("EXITSERVE_ALLOCATOR", raising=False)
+    for argv in (["train", "--output", "x"], ["serve", "--ray"], ["evaluate", "serve"], ["serve", "ckpt"]):
+        preload_for(argv)
+    assert calls == ["auto"]
+
+
+def test_the_cli_imports_no_torch_before_it_can_re_execute():
+    code = "import sys, exitserve.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 @pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed on this machine")
