@@ -19,6 +19,7 @@ from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
 
 LIMITS = ("header_timeout=1", "body_timeout=1", "keep_alive_timeout=1", "max_connections=6")
 SLACK = 4.0  # seconds a busy 2-core machine may add to a 1-s bound
+STARTUP = 300  # seconds a server may take to become ready on a machine shared with training runs
 
 
 @pytest.fixture(scope="module", params=["h11", "httptools"])
@@ -27,7 +28,7 @@ def server(request, tiny_checkpoint):
     cmd = exitserve_command(tiny_checkpoint, port, *LIMITS, "warmup=false", f"http_protocol={request.param}")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=STARTUP)
         yield port
     finally:
         proc.terminate()

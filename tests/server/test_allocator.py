@@ -127,7 +127,7 @@ def test_a_real_serve_process_runs_on_jemalloc_when_it_is_installed(tiny_checkpo
         cmd = exitserve_command(tiny_checkpoint, port, "warmup=false", f"allocator={setting}")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            wait_ready(f"http://127.0.0.1:{port}", proc)
+            wait_ready(f"http://127.0.0.1:{port}", proc, timeout=300)  # a busy shared machine is slow to start
             maps = Path(f"/proc/{proc.pid}/maps").read_text()  # the same PID after the re-exec
         finally:
             proc.terminate()
