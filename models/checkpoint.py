@@ -8,7 +8,9 @@
                            training strategy, dev scores, schema version
 
 `load_checkpoint` validates everything and raises `CheckpointError` with a one-line reason for a
-missing file, corrupt weights, a wrong schema version or shapes that do not match the backbone.
+missing file, corrupt or non-finite weights, an exit config of the wrong types or ranges (a typed
+pydantic schema), a tokenizer that does not cover the backbone's vocabulary, a `max_length` beyond
+the backbone's position embeddings, or shapes that do not match the backbone.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as typed_dataclass
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from exitserve.models.backbones import max_tokens
 from exitserve.models.criteria import CRITERIA, ExitCriterion, expand_thresholds
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
@@ -36,31 +41,41 @@ TOKENIZER_FILES = (
 )
 
 
+MIN_MAX_LENGTH = 8  # tokens: room for the special tokens of a pair and a few words of each text
+# a tokenizer with fewer tokens than this share of the backbone's vocabulary maps most words to [UNK]
+MIN_VOCAB_SHARE = 0.9
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message says why in one line."""
 
 
-@dataclass
+Name = Annotated[str, Field(min_length=1)]
+Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+# A typed schema: constructing one checks every field's type (strictly: "6" is not a number) and range.
+@typed_dataclass(config=ConfigDict(strict=True))
 class ExitConfig:
-    task: str
-    task_type: str  # classification | regression
-    metric: str
-    label_names: list[str]
-    num_layers: int
-    backbone: str
-    criterion: str
-    default_threshold: float | list[float]
+    task: Name
+    task_type: Literal["classification", "regression"]
+    metric: Name
+    label_names: list[Name]
+    num_layers: Annotated[int, Field(ge=1)]
+    backbone: Name
+    criterion: Literal[CRITERIA]
+    default_threshold: Threshold | list[Threshold]
     use_lte: bool
-    max_length: int = 128
-    pooling: str = "mean"
-    patience_delta: float = 0.1
-    strategy: str = "alternating"
-    text_column: str = "text"
-    pair_column: str | None = None
+    max_length: Annotated[int, Field(ge=MIN_MAX_LENGTH)] = 128
+    pooling: Literal["mean", "cls"] = "mean"
+    patience_delta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.1
+    strategy: Name = "alternating"
+    text_column: Name = "text"
+    pair_column: Name | None = None
     calibration: dict[str, Any] | None = None
     dev_scores: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Literal[1] = SCHEMA_VERSION
 
     @property
     def regression(self) -> bool:
@@ -93,6 +108,8 @@ class ExitConfig:
             raise CheckpointError(f"exit config: unknown criterion {self.criterion!r}")
         if self.task_type == CLASSIFICATION and len(self.label_names) < 2:
             raise CheckpointError("exit config: a classifier needs at least two label names")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise CheckpointError(f"exit config: label_names repeat a name: {self.label_names}")
         if self.criterion == "lte" and not self.use_lte:
             raise CheckpointError("exit config: criterion 'lte' but the model has no LTE module")
         try:
@@ -123,10 +140,25 @@ class ExitConfig:
         known = {f.name for f in fields(cls)}
         try:
             config = cls(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
+        except ValidationError as exc:
+            raise CheckpointError(f"{path}: {_first_problem(exc)}") from exc
         config.validate()
         return config
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """One line naming the field: "num_layers: Input should be a valid integer (got '6')"."""
+    errors = exc.errors()
+    field_errors = [e for e in errors if e["loc"][0] == errors[0]["loc"][0]]
+    err = max(field_errors, key=lambda e: len(e["loc"]))  # in a union: the member that got furthest
+    loc = err["loc"]  # the field, then list indices (and, inside a union, the member tried: left out)
+    where = str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+    if err["type"] == "literal_error":
+        return f"unknown {where} {err['input']!r} (expected {err['ctx']['expected']})"
+    if err["type"] == "missing":
+        return f"{where}: missing"
+    got = repr(err["input"])
+    return f"{where}: {err['msg']} (got {got if len(got) <= 60 else got[:57] + '...'})"
 
 
 @dataclass
@@ -157,6 +189,32 @@ def save_checkpoint(
     return directory
 
 
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, backbone_config: PretrainedConfig) -> None:
+    """Refuse a tokenizer that does not belong to the backbone: one larger than its vocabulary (ids
+    out of range), one much smaller (most words would become the unknown token: a model that starts
+    and answers nonsense), or one without the special tokens the model was trained with around every
+    input (the first and last tokens of an encoded text: [CLS] ... [SEP], or <s> ... </s>)."""
+    size, vocab = len(tokenizer), backbone_config.vocab_size
+    if size > vocab:
+        raise CheckpointError(
+            f"tokenizer has {size} tokens but the backbone's vocabulary holds {vocab}: they do not belong together"
+        )
+    if size < MIN_VOCAB_SHARE * vocab:
+        raise CheckpointError(
+            f"tokenizer has only {size} tokens for the backbone's {vocab}: most words would be unknown tokens"
+        )
+    missing = [name for name in ("cls_token", "sep_token", "pad_token", "unk_token")
+               if getattr(tokenizer, name) is None or getattr(tokenizer, f"{name}_id") is None]
+    if missing:
+        raise CheckpointError(f"tokenizer has no {', '.join(missing)}")
+    ids = tokenizer("the")["input_ids"]
+    if ids[0] != tokenizer.cls_token_id or ids[-1] != tokenizer.sep_token_id:
+        raise CheckpointError(
+            f"tokenizer does not put {tokenizer.cls_token} and {tokenizer.sep_token} around an input "
+            f"(it encodes 'the' as {ids})"
+        )
+
+
 def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
     """Load and validate a checkpoint; the model comes back in eval mode, fp32, on `device`."""
     directory = Path(directory)
@@ -178,15 +236,21 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {directory} has no usable tokenizer: {exc}") from exc
-    if len(tokenizer) > backbone_config.vocab_size:
+    check_tokenizer(tokenizer, backbone_config)
+    positions = max_tokens(backbone_config)
+    if positions is not None and exit_config.max_length > positions:
         raise CheckpointError(
-            f"tokenizer has {len(tokenizer)} tokens but the backbone's vocabulary holds "
-            f"{backbone_config.vocab_size}: they do not belong together"
+            f"exit config: max_length {exit_config.max_length} is more than the {positions} positions "
+            "the backbone has embeddings for"
         )
     try:
         state = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{directory}/{WEIGHTS} is corrupt or truncated: {exc}") from exc
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{directory}/{WEIGHTS}: {name} holds {bad} non-finite values (NaN or infinity)")
     try:
         model = EarlyExitModel.from_config(
             backbone_config, exit_config.num_outputs, exit_config.use_lte, exit_config.pooling

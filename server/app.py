@@ -1,29 +1,29 @@
 """The FastAPI app: `create_app` (the factory) and the routes.
 
 Routes read the `PredictionService` from `request.app.state.service`; all model work happens in the
-service and its scheduler. Request flow: `GuardMiddleware` (429 at once while the queue is full,
-body limit, request metrics) -> `predict` route (auth, content type, validation) ->
-`PredictionService.predict`, raced against the client disconnecting (then the request's samples are
-cancelled and never computed) -> `LayerScheduler` -> response with timing headers.
+service and its scheduler. Request flow: `GuardMiddleware` (server/guard.py: API key, 429 at once
+while the queue is full, body size and time limits, request metrics) -> `predict` route (content type,
+validation) -> `PredictionService.predict`, raced against the client disconnecting (then the request's
+samples are cancelled and never computed) -> `LayerScheduler` -> response with timing headers. Every
+failure is answered from the one table in server/errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import secrets
-import time
+import unicodedata
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exitserve.models.encoding import InputTooLong
-from exitserve.server.errors import APIError, error_response, install_error_handlers
-from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped
+from exitserve.server.docs_ui import docs_router
+from exitserve.server.error_format import error_response
+from exitserve.server.errors import APIError, ClientGone, api_error, install_error_handlers
+from exitserve.server.guard import GuardMiddleware
 from exitserve.server.schemas import (
     ErrorResponse,
     InfoResponse,
@@ -36,7 +36,9 @@ from exitserve.server.schemas import (
 from exitserve.server.service import Outcome, PredictionService
 from exitserve.server.settings import Settings
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503)}
+# what a text may hold and still be empty: whitespace, control and format (zero-width) characters
+INVISIBLE = frozenset(("Zs", "Zl", "Zp", "Cc", "Cf"))
 router = APIRouter()
 T = TypeVar("T")
 
@@ -52,26 +54,11 @@ def service_of(request: Request) -> PredictionService:
     return request.app.state.service
 
 
-async def require_api_key(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
-    expected = request.app.state.settings.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
-        raise APIError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)",
-                       {"WWW-Authenticate": "Bearer"})
-
-
-async def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise APIError(415, "unsupported_media_type",
                        f"send the body as application/json (got {media or 'no content type'})")
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 async def _disconnected(request: Request) -> None:
@@ -92,6 +79,12 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     if task in done:
         return task.result()
     raise ClientGone
+
+
+def blank(text: str) -> bool:
+    """True for a text with nothing a tokenizer would keep: only whitespace, control characters (NUL
+    included) or format characters (zero-width space, BOM, ...)."""
+    return all(unicodedata.category(c) in INVISIBLE for c in text)  # stops at the first visible one
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -116,16 +109,17 @@ def validate(req: PredictRequest, service: PredictionService) -> tuple[list[str]
     for field, values in (("text", texts), ("text_pair", pairs or [])):
         for i, value in enumerate(values):
             where = field if isinstance(req.text, str) else f"{field}[{i}]"
-            if not value.strip():
-                raise APIError(422, "validation_error", f"{where}: empty text")
+            if len(value) > settings.max_chars:
+                raise APIError(422, "validation_error",
+                               f"{where}: {len(value)} characters; at most {settings.max_chars}")
+            if blank(value):
+                raise APIError(422, "validation_error", f"{where}: empty text (nothing but whitespace, control or "
+                               "zero-width characters)")
             if not value.isascii():
                 try:
                     value.encode()
                 except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" in the JSON
                     raise APIError(422, "validation_error", f"{where}: not valid Unicode ({exc.reason})") from exc
-            if len(value) > settings.max_chars:
-                raise APIError(422, "validation_error",
-                               f"{where}: {len(value)} characters; at most {settings.max_chars}")
     return texts, pairs
 
 
@@ -146,7 +140,7 @@ def _result(service: PredictionService, outcome: Outcome, i: int) -> PredictResu
 
 
 @router.post("/predict", response_model=PredictResult | PredictBatchResponse, responses=ERRORS,
-             dependencies=[Depends(require_api_key), Depends(require_json)], response_model_exclude_none=True)
+             dependencies=[Depends(require_json)], response_model_exclude_none=True)
 async def predict(req: PredictRequest, request: Request, response: Response):
     service = service_of(request)
     if not service.ready:
@@ -156,22 +150,8 @@ async def predict(req: PredictRequest, request: Request, response: Response):
         outcome = await unless_client_leaves(
             request, service.predict(texts, pairs=pairs, threshold=req.threshold, trace=req.return_trace)
         )
-    except ClientGone as exc:  # nobody reads this answer; 499 is nginx's "client closed request"
-        service.metrics.failures.labels("disconnected").inc()
-        raise APIError(499, "client_closed_request", "the client disconnected") from exc
-    except InputTooLong as exc:
-        raise APIError(422, "input_too_long", str(exc)) from exc
-    except QueueFull as exc:
-        service.metrics.failures.labels("overloaded").inc()
-        raise APIError(429, "overloaded", str(exc), {"Retry-After": "1"}) from exc
-    except DeadlineExceeded as exc:
-        service.metrics.failures.labels("deadline").inc()
-        raise APIError(503, "deadline_exceeded", str(exc)) from exc
-    except SchedulerStopped as exc:
-        raise APIError(503, "shutting_down", str(exc)) from exc
-    except Exception as exc:
-        service.metrics.failures.labels("inference").inc()
-        raise APIError(500, "inference_error", f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # answered from the one error table (server/errors.py)
+        raise api_error(exc) from exc
     t = outcome.timings
     response.headers["x-total-time"] = f"{t.total * 1000:.3f}"
     response.headers["x-tokenization-time"] = f"{t.tokenization * 1000:.3f}"
@@ -201,7 +181,7 @@ async def ready(request: Request):
     return StatusResponse(status="ready")
 
 
-@router.get("/info", response_model=InfoResponse, dependencies=[Depends(require_api_key)], responses=ERRORS)
+@router.get("/info", response_model=InfoResponse, responses=ERRORS)
 async def info(request: Request) -> InfoResponse:
     return InfoResponse(**service_of(request).info(), version=version())
 
@@ -209,66 +189,6 @@ async def info(request: Request) -> InfoResponse:
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised while reading a body over the limit. An HTTPException, so FastAPI's body parsing passes
-    it on (it turns any other exception into a 400) and the handler answers 413."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body over {limit} bytes")
-
-
-class GuardMiddleware:
-    """Pure ASGI: refuses /predict with 429 while the queue has no room for even one input, before
-    anything is parsed (so refusing stays cheap under overload); refuses bodies over the limit (413);
-    counts requests by route and status."""
-
-    def __init__(self, app, max_body_bytes: int, state):
-        self.app, self.max_body_bytes, self.state = app, max_body_bytes, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route, started, status = scope["path"], time.monotonic(), {"code": 500, "sent": False}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"], status["sent"] = message["status"], True
-            await send(message)
-
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(self.max_body_bytes)
-            return message
-
-        service = getattr(self.state, "service", None)
-        try:
-            if route == "/predict" and service is not None and service.ready and service.room <= 0:
-                service.metrics.failures.labels("overloaded").inc()
-                full = f"queue full ({service.settings.max_queue_size} inputs waiting)"
-                await error_response(429, "overloaded", full, {"Retry-After": "1"})(scope, receive, send_wrapper)
-                return
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                raise BodyTooLarge(self.max_body_bytes)
-            await self.app(scope, limited_receive, send_wrapper)
-        except BodyTooLarge as exc:
-            if not status["sent"]:
-                await error_response(413, "payload_too_large", exc.detail)(scope, receive, send_wrapper)
-        finally:
-            service = getattr(self.state, "service", None)  # the lifespan may have loaded it meanwhile
-            if service is not None:
-                known = route if route in ("/predict", "/health", "/ready", "/info", "/metrics") else "other"
-                service.metrics.requests.labels(known, str(status["code"])).inc()
-                if known == "/predict":
-                    service.metrics.request_duration.labels(service.name).observe(time.monotonic() - started)
 
 
 def create_app(settings: Settings, service: PredictionService | None = None) -> FastAPI:
@@ -285,10 +205,11 @@ def create_app(settings: Settings, service: PredictionService | None = None) -> 
         app.state.draining = True
         app.state.service.stop()
 
-    app = FastAPI(title="exitserve", version=version(), lifespan=lifespan,
+    app = FastAPI(title="exitserve", version=version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Early-exit (BERxiT) inference for transformer encoders.")
     app.state.settings, app.state.service, app.state.draining = settings, service, False
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, state=app.state)
+    app.include_router(docs_router(app.title))  # /docs with its assets served locally (works offline)
+    app.add_middleware(GuardMiddleware, state=app.state)
     return app

@@ -1,21 +1,105 @@
-"""One error format for every 4xx/5xx: {"error": {"type": ..., "message": ...}}."""
+"""Every failure's answer in one table, and the error handlers that use it.
+
+`ERRORS` maps each exception the service, the scheduler or the request guard raises to its HTTP
+status, error type, Retry-After and failure-metric label (`exitserve_request_failures_total{reason}`);
+anything the model raises that is not in it is a 500 `inference_error`. The /predict route and
+`GuardMiddleware` both answer through `api_error` + `reply`, and `reply` only marks the request with
+its failure label: the middleware counts it, once per request, with the request's status.
+"""
 
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from exitserve.models.encoding import InputTooLong
+from exitserve.server.error_format import error_response
+from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped
+from exitserve.server.service import NonFiniteOutput
+
+FAILURE_KEY = "exitserve.failure"  # where `reply` leaves the failure label, in the request's scope state
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class BodyReadError(StarletteHTTPException):
+    """Reading the request body failed. An HTTPException, so FastAPI's body parsing passes it on (it
+    turns any other exception into a bare 400) and the handler below answers it from the table."""
+
+    def __init__(self, message: str):
+        super().__init__(ERRORS[type(self)].status, message)
+
+
+class BodyTooLarge(BodyReadError):
+    """The body is over `max_body_bytes`."""
+
+
+class BodyTimeout(BodyReadError):
+    """The body did not arrive within `body_timeout` seconds of the request's head."""
+
+
+class ClientGoneMidBody(BodyReadError):
+    """The client disconnected before sending the whole body."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How one kind of failure is answered."""
+
+    status: int
+    type: str
+    retry_after: int | None = None  # seconds, sent as Retry-After
+    failure: str | None = None  # the exitserve_request_failures_total reason; None: not counted as a failure
+    close: bool = False  # close the connection after answering (a slow client must not keep it)
+
+
+ERRORS: dict[type[BaseException], ErrorKind] = {
+    QueueFull: ErrorKind(429, "overloaded", retry_after=1, failure="overloaded"),
+    DeadlineExceeded: ErrorKind(503, "deadline_exceeded", failure="deadline"),
+    SchedulerStopped: ErrorKind(503, "shutting_down"),
+    InputTooLong: ErrorKind(422, "input_too_long"),
+    NonFiniteOutput: ErrorKind(500, "inference_error", failure="inference"),
+    ClientGone: ErrorKind(499, "client_closed_request", failure="disconnected"),  # nginx's "client closed request"
+    ClientGoneMidBody: ErrorKind(499, "client_closed_request", failure="disconnected_mid_body"),
+    BodyTooLarge: ErrorKind(413, "payload_too_large"),
+    BodyTimeout: ErrorKind(408, "request_timeout", failure="body_timeout", close=True),
+}
+MODEL_FAILED = ErrorKind(500, "inference_error", failure="inference")  # anything else raised while predicting
+
 
 class APIError(Exception):
-    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None):
+    """An answer in the error format; `failure` is its failure-metric label (None: not a failure)."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None,
+                 failure: str | None = None):
         super().__init__(message)
-        self.status, self.type, self.message, self.headers = status, type_, message, headers
+        self.status, self.type, self.message, self.headers, self.failure = status, type_, message, headers, failure
 
 
-def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+def api_error(exc: BaseException) -> APIError:
+    """The table's answer to `exc` (the first of its classes the table names; else a 500)."""
+    kind = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), MODEL_FAILED)
+    detail = exc.detail if isinstance(exc, StarletteHTTPException) else str(exc)
+    message = detail if kind is not MODEL_FAILED else f"{type(exc).__name__}: {detail}"
+    headers = {"Retry-After": str(kind.retry_after)} if kind.retry_after else {}
+    if kind.close:
+        headers["Connection"] = "close"
+    return APIError(kind.status, kind.type, message, headers or None, kind.failure)
+
+
+def reply(scope: dict[str, Any], error: APIError) -> JSONResponse:
+    """The error-format response for `error`; its failure label goes into the request's scope state,
+    where GuardMiddleware counts it."""
+    scope.setdefault("state", {})[FAILURE_KEY] = error.failure
+    return error_response(error.status, error.type, error.message, error.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -42,6 +126,8 @@ def _http_message(exc: StarletteHTTPException) -> str:
         return f"the body is not valid UTF-8 (byte {cause.start})"
     if isinstance(cause, RecursionError):
         return "the JSON body is nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number in the body has more than {sys.get_int_max_str_digits()} digits"
     reason = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
     return f"the body cannot be decoded as JSON: {reason}"
 
@@ -49,7 +135,11 @@ def _http_message(exc: StarletteHTTPException) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.type, exc.message, exc.headers)
+        return reply(request.scope, exc)
+
+    @app.exception_handler(BodyReadError)
+    async def _body(request: Request, exc: BodyReadError) -> JSONResponse:
+        return reply(request.scope, api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

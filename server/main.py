@@ -1,10 +1,12 @@
 """`exitserve serve`: load (and validate) the checkpoint, then run the app on uvicorn.
 
 The checkpoint is loaded before uvicorn starts, so a broken one stops start-up with a one-line
-reason and exit code 2 and the server never answers at all. On SIGTERM/SIGINT /ready turns 503
-first; `drain_delay` seconds later (default 0: at once) uvicorn stops accepting connections and
-finishes in-flight requests (up to `drain_timeout` seconds), then the scheduler stops and the
-process exits. A second signal skips the delay.
+reason and exit code 2 and the server never answers at all. uvicorn runs with the connection limits
+of server/connections.py (slow heads, head size, number of connections) and `keep_alive_timeout`; the
+CLI has already re-executed the process on jemalloc when it is installed (server/allocator.py).
+On SIGTERM/SIGINT /ready turns 503 first; `drain_delay` seconds later (default 0: at once) uvicorn
+stops accepting connections and finishes in-flight requests (up to `drain_timeout` seconds), then the
+scheduler stops and the process exits. A second signal skips the delay.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import sys
 import threading
 
 import uvicorn
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from exitserve.models.backbones import BackboneError
 from exitserve.models.checkpoint import CheckpointError
+from exitserve.server import allocator
 from exitserve.server.app import create_app
+from exitserve.server.connections import guarded_protocol
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 
@@ -55,12 +61,16 @@ def run(settings: Settings) -> int:
     except (CheckpointError, BackboneError) as exc:
         print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
         return 2
+    log.info("allocator: %s", allocator.loaded() or "system malloc")
     log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s)", settings.checkpoint,
              service.config.task, service.config.num_layers, service.criterion.name, service.config.default_threshold)
     app = create_app(settings, service)
+    refused = service.metrics.failures
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.drain_timeout) or None,
+        timeout_graceful_shutdown=int(settings.drain_timeout) or None, timeout_keep_alive=settings.keep_alive_timeout,
+        http=guarded_protocol(import_from_string(HTTP_PROTOCOLS[settings.http_protocol]), settings,
+                              lambda reason: refused.labels(reason).inc()),
     )
     server = DrainingServer(config, app.state, settings.drain_delay)
     server.run()

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.middleware import Middleware
 
-from exitserve.server.errors import error_response
+from exitserve.server.error_format import error_response
 
 RAY_ERROR_TYPES = {408: "timeout", 429: "overloaded", 503: "unavailable"}
 

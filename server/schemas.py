@@ -12,7 +12,8 @@ class PredictRequest(BaseModel):
     text: str | list[str] = Field(..., description="one text, or a list of texts")
     text_pair: str | list[str] | None = Field(None, description="second texts, for pair tasks (same length)")
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="exit threshold; default: the checkpoint's calibrated one. "
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="exit threshold; default: the checkpoint's calibrated one. "
         "1.0 runs every layer, 0.0 exits at layer 1",
     )
     return_trace: bool = Field(False, description="include every layer's confidence and prediction")

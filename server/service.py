@@ -12,6 +12,7 @@ cancelled, and the scheduler drops them at the next layer boundary instead of co
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,19 @@ from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
 from exitserve.server.settings import Settings
 
 WARMUP_TEXT = "warming up"
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model answered NaN or infinity (damaged weights, an overflow): never sent as an answer."""
+
+
+def check_finite(predictions: list[Prediction]) -> None:
+    """Raise NonFiniteOutput unless every number of every prediction (and of its trace) is finite."""
+    for i, p in enumerate(predictions):
+        numbers = [p.value, p.confidence, *(p.probabilities or ())]
+        numbers += [x for t in p.trace or () for x in (t.confidence, t.prediction)]
+        if not all(math.isfinite(x) for x in numbers):
+            raise NonFiniteOutput(f"the model's output for input {i} is not a finite number (NaN or infinity)")
 
 
 @dataclass
@@ -145,6 +159,7 @@ class PredictionService:
             for s in samples:
                 s.future.cancel()
             raise
+        check_finite(predictions)
         for s in samples:
             self.metrics.queue_duration.labels(self.name).observe(s.started - s.submitted)
             self.metrics.inference_duration.labels(self.name).observe(s.finished - s.started)

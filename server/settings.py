@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit; beyond: 413")
     truncate: bool = Field(True, description="truncate inputs over the model's max tokens (else 422)")
     request_timeout: float = Field(30.0, gt=0, description="seconds from arrival a request may wait to start; then 503")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection may take to send a request's head (from connecting, or from "
+        "the next request's first byte); then 408 and the connection is closed"
+    )
+    body_timeout: float = Field(
+        20.0, gt=0, description="seconds from a request's head to the end of its body; then 408, connection closed"
+    )
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle kept-alive connection stays open")
+    max_connections: int = Field(
+        1024, ge=1, description="open connections; one more is answered 503 and closed at once"
+    )
+    allocator: Literal["auto", "jemalloc", "system"] = Field(
+        "auto", description="C allocator `exitserve serve` re-executes itself with (auto: jemalloc if installed, "
+        "else the system's); see server/allocator.py"
+    )
+    http_protocol: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn's HTTP parser (auto: httptools when installed, else h11)"
+    )
     drain_delay: float = Field(
         0.0, ge=0, description="seconds between /ready turning 503 and closing the listener on SIGTERM "
         "(set it above the load balancer's readiness poll interval)"

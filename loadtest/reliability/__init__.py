@@ -5,7 +5,9 @@ in request count).
     python -m exitserve.loadtest.reliability overload   # ~4x the sustained rate, then back to normal
     python -m exitserve.loadtest.reliability soak       # ~70% of the sustained rate for 10 minutes
     python -m exitserve.loadtest.reliability shutdown   # SIGTERM under load
+    python -m exitserve.loadtest.reliability slow-clients   # idle, trickling and stalled connections
 
 Modules: `process` (the server process; its memory and CPU), `client` (a light open-loop HTTP
-client and the request records), `report` (statistics, JSON, table, plot), `scenarios` (the runs).
+client and the request records), `report` (statistics, JSON, table, plot), `scenarios` (the runs),
+`shutdown`, `slow_clients` (raw slow connections).
 """

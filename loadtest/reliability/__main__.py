@@ -1,4 +1,4 @@
-"""`python -m exitserve.loadtest.reliability {overload,soak,shutdown} [options]`: see its __init__.py."""
+"""`python -m exitserve.loadtest.reliability {overload,soak,shutdown,slow-clients} [options]`: see its __init__.py."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 from exitserve.loadtest.reliability.scenarios import FIXTURE_TEXTS, Options, load_texts, overload, soak
 from exitserve.loadtest.reliability.shutdown import shutdown
+from exitserve.loadtest.reliability.slow_clients import slow_clients
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m exitserve.loadtest.reliability", description=__doc__)
-    parser.add_argument("run", choices=["overload", "soak", "shutdown"])
+    parser.add_argument("run", choices=["overload", "soak", "shutdown", "slow-clients"])
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the embedded model)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting")
     parser.add_argument("--out", type=Path, default=Path("runs/reliability"),
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="overload: phase lengths")
     parser.add_argument("--fraction", type=float, default=0.7, help="soak/shutdown: offered / sustained rate")
     parser.add_argument("--minutes", type=float, default=10, help="soak: duration")
+    parser.add_argument("--count", type=int, default=300, help="slow-clients: connections of each kind")
+    parser.add_argument("--hold-seconds", type=float, default=45, help="slow-clients: how long to keep them")
     parser.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
     args = parser.parse_args(argv)
     opts = Options(args.checkpoint, args.set, args.out, load_texts(args.texts), args.rate, args.concurrency,
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         overload(opts, args.factor, *args.seconds)
     elif args.run == "soak":
         soak(opts, args.fraction, args.minutes)
+    elif args.run == "slow-clients":
+        slow_clients(opts, args.count, args.hold_seconds)
     else:
         shutdown(opts, args.fraction)
 

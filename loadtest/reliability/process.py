@@ -35,7 +35,11 @@ class ServerProcess:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # never leave a server behind that did not become ready
+            self.__exit__()
+            raise
         self.started = time.monotonic()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()

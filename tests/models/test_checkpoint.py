@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import json
 import pickle
+import string
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import (
+    BertConfig,
+    DistilBertConfig,
+    MPNetConfig,
+    MPNetTokenizerFast,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaTokenizerFast,
+)
 
-from exitserve.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from exitserve.models.backbones import max_tokens
+from exitserve.models.checkpoint import CheckpointError, check_tokenizer, load_checkpoint, save_checkpoint
+from exitserve.server.settings import DEFAULT_MODEL
 from tests.conftest import make_exit_config, make_model
 
 
@@ -103,7 +115,7 @@ def test_tokenizer_that_does_not_match(ckpt_dir):
 
 def test_invalid_exit_config_values(ckpt_dir):
     edit_json(ckpt_dir / "exit_config.json", default_threshold=3.0)
-    with pytest.raises(CheckpointError, match=r"thresholds must lie in \[0, 1\]"):
+    with pytest.raises(CheckpointError, match=r"default_threshold: Input should be less than or equal to 1"):
         load_checkpoint(ckpt_dir)
     (ckpt_dir / "exit_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
@@ -124,3 +136,104 @@ def test_reference_cls_pooling_round_trips_and_unknown_pooling_is_refused(tmp_pa
     edit_json(path / "exit_config.json", pooling="max")
     with pytest.raises(CheckpointError, match="unknown pooling 'max'"):
         load_checkpoint(path)
+
+
+# ---- the typed exit-config schema, finite weights, the tokenizer, max_length ------------------------
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_layers": "6"}, r"num_layers: Input should be a valid integer \(got '6'\)"),
+        ({"label_names": [1, {"x": 2}]}, r"label_names\[0\]: Input should be a valid string"),
+        ({"label_names": ["pos", "pos"]}, "label_names repeat a name"),
+        ({"max_length": 0}, "max_length: Input should be greater than or equal to 8"),
+        ({"default_threshold": [0.5, "x", 0.5, 0.5]}, r"default_threshold\[1\]: Input should be a valid number"),
+        ({"use_lte": "yes"}, "use_lte: Input should be a valid boolean"),
+        ({"task_type": "ranking"}, "unknown task_type 'ranking'"),
+        ({"criterion": "vibes"}, "unknown criterion 'vibes'"),
+        ({"patience_delta": -1}, "patience_delta: Input should be greater than or equal to 0"),
+        ({"pair_column": ""}, "pair_column: String should have at least 1 character"),
+        ({"task": None}, "task: Input should be a valid string"),
+    ],
+)
+def test_exit_config_fields_are_typed_and_range_checked_in_one_line(ckpt_dir, changes, message):
+    edit_json(ckpt_dir / "exit_config.json", **changes)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_checkpoint(ckpt_dir)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_missing_exit_config_field_is_named(ckpt_dir):
+    path = ckpt_dir / "exit_config.json"
+    raw = json.loads(path.read_text())
+    del raw["num_layers"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="num_layers: missing"):
+        load_checkpoint(ckpt_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(ckpt_dir, value):
+    path = ckpt_dir / "model.safetensors"
+    state = load_file(str(path))
+    state["encoder.encoder.layer.2.output.dense.bias"][5] = value
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"layer\.2\.output\.dense\.bias holds 1 non-finite values"):
+        load_checkpoint(ckpt_dir)
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(ckpt_dir):
+    edit_json(ckpt_dir / "exit_config.json", max_length=129)  # the tiny backbone has 128 positions
+    with pytest.raises(CheckpointError, match="max_length 129 is more than the 128 positions"):
+        load_checkpoint(ckpt_dir)
+    edit_json(ckpt_dir / "exit_config.json", max_length=128)
+    assert load_checkpoint(ckpt_dir).exit_config.max_length == 128
+
+
+def test_usable_positions_per_family():
+    assert max_tokens(BertConfig(max_position_embeddings=512)) == 512
+    assert max_tokens(DistilBertConfig(max_position_embeddings=512)) == 512
+    # RoBERTa and MPNet number positions from padding_idx + 1: 514 embeddings hold 512 tokens
+    assert max_tokens(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert max_tokens(MPNetConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+
+
+def test_a_few_token_vocabulary_in_place_of_the_tokenizer_is_refused(ckpt_dir):
+    # the hostile case: every word would be [UNK] and the model would still answer
+    (ckpt_dir / "tokenizer.json").unlink()
+    (ckpt_dir / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(CheckpointError, match="only 5 tokens for the backbone's 30522"):
+        load_checkpoint(ckpt_dir)
+
+
+def roberta_tokenizer(tmp_path) -> RobertaTokenizerFast:
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_lowercase))}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    return RobertaTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+
+
+def mpnet_tokenizer() -> MPNetTokenizerFast:
+    tokens = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>", "the", *string.ascii_lowercase]
+    return MPNetTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
+
+
+def test_every_family_s_tokenizer_passes_the_tokenizer_check(tokenizer, tmp_path):
+    check_tokenizer(tokenizer, BertConfig())  # MiniLM's (BERT) tokenizer, 30522 tokens
+    check_tokenizer(tokenizer, DistilBertConfig())
+    roberta, mpnet = roberta_tokenizer(tmp_path), mpnet_tokenizer()
+    check_tokenizer(roberta, RobertaConfig(vocab_size=len(roberta)))
+    check_tokenizer(mpnet, MPNetConfig(vocab_size=len(mpnet) + 1))  # a padded vocabulary is fine
+    assert load_checkpoint(DEFAULT_MODEL).exit_config.num_layers == 6  # the embedded default model
+
+
+def test_a_tokenizer_without_the_model_s_special_tokens_is_refused(tmp_path):
+    roberta = roberta_tokenizer(tmp_path)
+    plain = PreTrainedTokenizerFast(tokenizer_object=roberta.backend_tokenizer, unk_token="<unk>", pad_token="<pad>")
+    with pytest.raises(CheckpointError, match="no cls_token, sep_token"):
+        check_tokenizer(plain, RobertaConfig(vocab_size=len(plain)))
+    plain.backend_tokenizer.post_processor = None  # knows the tokens but does not put them around inputs
+    plain.add_special_tokens({"cls_token": "<s>", "sep_token": "</s>"})
+    with pytest.raises(CheckpointError, match="does not put <s> and </s> around an input"):
+        check_tokenizer(plain, RobertaConfig(vocab_size=len(plain)))

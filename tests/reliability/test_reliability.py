@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from exitserve.models.checkpoint import CheckpointError
-from exitserve.server import app as app_module
+from exitserve.server import guard as guard_module
 from exitserve.server.app import create_app
 from exitserve.server.main import run
 from exitserve.server.service import PredictionService
@@ -344,10 +344,31 @@ def damage(checkpoint: Path, how: str, tmp_path: Path, tokenizer) -> Path:
     elif how == "pickle":
         Pwned.marker = tmp_path / "pwned"
         weights.write_bytes(pickle.dumps({"weights": Pwned()}))
+    elif how == "5-token vocab":  # every word would be [UNK]
+        (broken / "tokenizer.json").unlink()
+        (broken / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    elif how in ("NaN weights", "inf weights"):
+        state = load_file(str(weights))
+        state["encoder.embeddings.word_embeddings.weight"][100] = float("nan" if how == "NaN weights" else "inf")
+        save_file(state, str(weights))
+    else:  # a bad exit-config value
+        edit_exit_config(broken, **EXIT_CONFIG_DAMAGE[how])
     return broken
 
 
-BAD = ["missing exit config", "missing tokenizer", "corrupt safetensors", "head shapes", "tokenizer", "pickle"]
+def edit_exit_config(checkpoint: Path, **changes) -> None:
+    path = checkpoint / "exit_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+EXIT_CONFIG_DAMAGE = {
+    "label names not strings": {"label_names": [1, {"x": 2}]},
+    "max_length over the positions": {"max_length": 1000},  # the tiny backbone has 128
+    "max_length 0": {"max_length": 0},
+    "num_layers a string": {"num_layers": "4"},
+}
+BAD = ["missing exit config", "missing tokenizer", "corrupt safetensors", "head shapes", "tokenizer", "pickle",
+       "5-token vocab", "NaN weights", "inf weights", *EXIT_CONFIG_DAMAGE]
 
 
 @pytest.mark.parametrize("how", BAD)
@@ -374,7 +395,7 @@ def test_api_key_is_compared_in_constant_time(tiny_checkpoint, monkeypatch):
         compared.append((a, b))
         return a == b
 
-    monkeypatch.setattr(app_module.secrets, "compare_digest", spy)
+    monkeypatch.setattr(guard_module.secrets, "compare_digest", spy)
     with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, warmup=False, api_key="s3cret"))) as c:
         assert c.get("/info", headers={"Authorization": "Bearer guess"}).status_code == 401
         assert c.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -390,8 +411,9 @@ def test_no_route_takes_a_path_or_reads_files_named_by_the_request(tiny_checkpoi
         return found
 
     app = create_app(Settings(checkpoint=tiny_checkpoint))
-    assert paths(app.routes) == {"/predict", "/health", "/ready", "/info", "/metrics",
-                     "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    assert paths(app.routes) == {"/predict", "/health", "/ready", "/info", "/metrics", "/openapi.json", "/docs",
+                                 "/docs/oauth2-redirect", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css",
+                                 "/docs/favicon.png"}
     spec = app.openapi()
     assert all("parameters" not in op for ops in spec["paths"].values() for op in ops.values())
     fields = spec["components"]["schemas"]["PredictRequest"]["properties"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,7 @@ def test_a_second_signal_skips_the_drain_delay(tiny_checkpoint):
     assert not server.delayed.is_alive()  # the timer was cancelled, not left to fire again
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "schema"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "schema", "num_layers", "max_length"])
 def test_broken_checkpoint_stops_start_up_with_a_one_line_reason(tiny_checkpoint, tmp_path, damage):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
@@ -135,11 +136,16 @@ def test_broken_checkpoint_stops_start_up_with_a_one_line_reason(tiny_checkpoint
     elif damage == "truncated":
         data = (broken / "model.safetensors").read_bytes()
         (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "schema":
         text = (broken / "exit_config.json").read_text().replace('"schema_version": 1', '"schema_version": 7')
         (broken / "exit_config.json").write_text(text)
+    else:  # a wrong JSON type (was a 30-line traceback), a max_length over the positions (a traceback at warm-up)
+        raw = json.loads((broken / "exit_config.json").read_text())
+        raw.update({"num_layers": "4"} if damage == "num_layers" else {"max_length": 1000})
+        (broken / "exit_config.json").write_text(json.dumps(raw))
     proc = serve(broken, free_port())
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     lines = [line for line in err.strip().splitlines() if line.startswith("exitserve serve")]
     assert len(lines) == 1 and "cannot start" in lines[0]
+    assert "Traceback" not in err
