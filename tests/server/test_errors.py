@@ -119,7 +119,7 @@ def test_non_finite_model_output_is_a_500_in_the_error_format_never_a_200(tiny_c
     with make_client(tiny_checkpoint, warmup=False) as c:
         assert c.post("/predict", json={"text": "fine"}).status_code == 200
         with torch.no_grad():  # weights damaged after loading (the load check refuses them on disk)
-            for head in c.app.state.service.scheduler.model.heads:
+            for head in c.app.state.service.scheduler.backend.model.heads:
                 head.classifier.bias.fill_(float("nan"))
         for body in ({"text": "a"}, {"text": ["a", "b"], "return_trace": True}, {"text": "a", "threshold": 0.0}):
             message = error_of(c.post("/predict", json=body), 500, "inference_error")
