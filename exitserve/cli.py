@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exitserve.models.criteria import CRITERIA
 from exitserve.models.data import DEFAULT_DATA, ColumnOptions
-from exitserve.models.strategies import STRATEGIES
+from exitserve.models.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minilm-l6, mpnet-base, or any HF encoder id / local directory")
     _add_data_args(p, required=False)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
-    p.add_argument("--strategy", choices=STRATEGIES, default="alternating")
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                   help="fine-tuning strategy (models/strategies.py; README table); default: %(default)s")
     p.add_argument("--raw", action="store_true", help="plain fine-tune baseline (no exits trained)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
