@@ -17,6 +17,12 @@ def _load(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     return reports, timings
 
 
+def best_at(points: list[dict], target: float) -> dict | None:
+    """The point saving the most layers among those scoring >= target (None if none does)."""
+    passing = [p for p in points if p["score"] >= target]
+    return max(passing, key=lambda p: (p["layers_saved"], p["score"])) if passing else None
+
+
 def _plt():
     import matplotlib
 
@@ -61,7 +67,25 @@ def layerwise(reports: dict[str, dict], out: Path) -> list[str]:
         png = out / f"exp1_{task.lower()}_{backbone}_n{size}.png"
         fig.savefig(png, dpi=120)
         plt.close(fig)
-        lines += ["", f"![{task} {backbone}]({png.name})", "", *findings(runs, n_layers), ""]
+        lines += ["", f"![{task} {backbone}]({png.name})", "", *findings(runs, n_layers), "",
+                  *strategy_summary(runs, ref, n_layers), ""]
+    return lines
+
+
+def strategy_summary(runs: dict[str, dict], ref: float | None, n_layers: int, level: float = 0.99) -> list[str]:
+    """Per strategy: final layer and early exits relative to Raw, and the most layers saved by a
+    threshold of the sweep that keeps >= `level` of Raw's final-layer score (best dev point)."""
+    if not ref:
+        return []
+    half = n_layers // 2
+    lines = [f"| strategy | final layer vs Raw | mean of layers 1–{half} vs Raw | most layers saved at ≥ {level} of "
+             "Raw (threshold) |", "|---|---|---|---|"]
+    for strategy in [s for s in STRATEGY_ORDER if s in runs and s != "raw"]:
+        r = runs[strategy]
+        scores = [row["score"] / ref for row in r["per_layer"]]
+        best = best_at(r["sweep"], level * ref)
+        saved = f"{best['layers_saved']:.1%} ({best['threshold']})" if best else "none"
+        lines.append(f"| {strategy} | {scores[-1]:.3f} | {sum(scores[:half]) / half:.3f} | {saved} |")
     return lines
 
 
@@ -135,12 +159,6 @@ def tradeoff(reports: dict[str, dict], timings: dict[str, dict], out: Path) -> l
     fig.savefig(out / "exp2_tradeoff.png", dpi=120)
     plt.close(fig)
     return [*lines, "", "![trade-off](exp2_tradeoff.png)"]
-
-
-def best_at(points: list[dict], target: float) -> dict | None:
-    """The point saving the most layers among those scoring >= target (None if none does)."""
-    passing = [p for p in points if p["score"] >= target]
-    return max(passing, key=lambda p: (p["layers_saved"], p["score"])) if passing else None
 
 
 def fixed_depth(report: dict) -> list[dict]:

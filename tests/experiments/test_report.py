@@ -46,6 +46,7 @@ def test_report_tables_are_relative_to_raw_and_come_with_plots(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| raw | – | 1.000 |" in text  # Raw trains no exits: its early layers are not shown
     assert "| alternating | 0.750 | 1.000 |" in text
+    assert "| alternating | 1.000 | 0.750 | none |" in text  # its only sweep point keeps 0.76 / 0.8 < 0.99
     # alternating small at 0.9: 0.76 / Raw big 0.8; mean exit 1 of big's 4 layers; 2x vs on/off; 4x vs Raw big
     assert "| alternating small | 0.9 (calibrated 0.99) | 0.950 | 1.00 | 75.0% | 2.00× | 2.00× | 100% | 4.00× |" in text
     assert "| raw big | 1.0 | 1.000 | 4.00 | 0.0% | 1.00× | 1.00× | 100% | 1.00× |" in text
