@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exitserve.models.criteria import CRITERIA
 from exitserve.models.data import DEFAULT_DATA, ColumnOptions
-from exitserve.models.strategies import DEFAULT_STRATEGY, STRATEGIES
+from exitserve.models.strategies import DEFAULT_STRATEGY, LTE_TARGETS, STRATEGIES
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the final classifier always reads the first token (stock HF head)")
     p.add_argument("--lte", action=argparse.BooleanOptionalAction, default=None,
                    help="train the LTE module (default: on for regression)")
+    p.add_argument("--lte-weight", type=float, default=1.0, help="weight of the LTE loss (reference: 1)")
+    p.add_argument("--lte-target", choices=LTE_TARGETS, default="label",
+                   help="what the LTE predicts: closeness of each exit to the label (reference) or to the "
+                   "final layer's answer")
     p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="default: lte for regression, max-prob for classification")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as fp16 (half the size)")
@@ -104,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         strategy="raw" if args.raw else args.strategy, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
-        pooling=args.pooling, lte=args.lte, criterion=args.criterion, fp16_weights=args.fp16_weights,
+        pooling=args.pooling, lte=args.lte, lte_weight=args.lte_weight, lte_target=args.lte_target,
+        criterion=args.criterion, fp16_weights=args.fp16_weights,
         columns=_columns(args),
     )
     path = train(options)

@@ -52,11 +52,15 @@ class RunSpec:
     train_samples: int | None
     epochs: int = 2
     batch_size: int = 32
+    lte_target: str = "label"  # LTE models only (STS-B): see models.strategies.LteLoss
+    lte_weight: float = 1.0
 
     @property
     def name(self) -> str:
         size = f"n{self.train_samples}" if self.train_samples else "full"
-        return f"{self.task.lower()}-{self.backbone}-{self.strategy}-{size}"
+        lte = "" if self.lte_target == "label" else f"-lte-{self.lte_target}"
+        lte += "" if self.lte_weight == 1.0 else f"-ltew{self.lte_weight:g}"
+        return f"{self.task.lower()}-{self.backbone}-{self.strategy}-{size}{lte}"
 
 
 PLANS: dict[str, list[RunSpec]] = {
@@ -83,6 +87,7 @@ def ensure_trained(spec: RunSpec, runs: Path, glue: str) -> Path:
     train(TrainOptions(
         backbone=spec.backbone, data=f"{glue}/{spec.task}", output=str(path), strategy=spec.strategy,
         epochs=spec.epochs, batch_size=spec.batch_size, max_train_samples=spec.train_samples,
+        lte_target=spec.lte_target, lte_weight=spec.lte_weight,
     ))
     return path
 

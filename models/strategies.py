@@ -33,9 +33,15 @@ every layer i = 1..n (the last included) and every sample of the batch, added to
 every step that trains the LTE module -- every step of every strategy except raw and two-stage's
 first stage. Targets: 1 - tanh|y_hat_i - y| for regression, 1[argmax_i == label] for
 classification (the reference predicts the complement and exits below its threshold; the loss is
-the same). One deviation, kept for a clean parameter split: on alternating's even steps the
-reference's optimiser also moves the exit heads 1..n-1 (their poolers feed the LTE); here those
-steps train backbone, final classifier and LTE only (J still reaches the backbone through them).
+the same). `LteLoss` can change the two things experiment 3 measured (docs/RESULTS.md): the weight
+of J, and what the LTE predicts -- `target="final"` replaces the label by the final layer's
+(detached) answer: 1 - tanh|y_hat_i - y_hat_n| or 1[argmax_i == argmax_n], i.e. "exit i agrees
+with the full model", which is what an exit must preserve.
+
+One deviation from the reference, kept for a clean parameter split: on alternating's even steps
+the reference's optimiser also moves the exit heads 1..n-1 (their poolers feed the LTE); here
+those steps train backbone, final classifier and LTE only (J still reaches the backbone through
+them).
 
 Parameters outside a phase's groups get no update at all (not even weight decay or Adam momentum):
 the Trainer drops their gradients (models/training.py); tests check it for every strategy.
@@ -53,6 +59,24 @@ from exitserve.models.early_exit import AllExits
 STRATEGIES = ("alternating", "alternating-epoch", "joint", "two-stage", "weighted", "self-distill", "raw")
 DEFAULT_STRATEGY = "weighted"
 MULTI_EPOCH = ("alternating-epoch",)
+LTE_TARGETS = ("label", "final")
+
+
+@dataclass(frozen=True)
+class LteLoss:
+    """J's weight and what the LTE learns to predict (see the module docstring)."""
+
+    weight: float = 1.0
+    target: str = "label"  # label | final
+
+    def __post_init__(self) -> None:
+        if self.target not in LTE_TARGETS:
+            raise ValueError(f"unknown LTE target {self.target!r}; choose one of {', '.join(LTE_TARGETS)}")
+        if self.weight < 0:
+            raise ValueError("the LTE loss weight must be >= 0")
+
+
+REFERENCE_LTE = LteLoss()  # weight 1, closeness to the label: the reference code's
 
 
 @dataclass(frozen=True)
@@ -104,18 +128,21 @@ def layer_losses(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -
     return flat.view(logits.shape[0], -1).mean(-1)
 
 
-def lte_targets(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """What the LTE module learns to predict for every exit and sample, `[L, B]` (no gradient)."""
+def lte_targets(logits: torch.Tensor, labels: torch.Tensor, regression: bool, target: str = "label") -> torch.Tensor:
+    """What the LTE module learns to predict for every exit and sample, `[L, B]` (no gradient):
+    closeness to the label, or (`target="final"`) to the final layer's answer."""
     with torch.no_grad():
         if regression:
-            return 1.0 - torch.tanh((logits[..., 0] - labels.float()).abs())
-        return (logits.argmax(-1) == labels).float()
+            reference = labels.float() if target == "label" else logits[-1, :, 0]
+            return 1.0 - torch.tanh((logits[..., 0] - reference).abs())
+        reference = labels if target == "label" else logits[-1].argmax(-1)
+        return (logits.argmax(-1) == reference).float()
 
 
-def lte_loss(out: AllExits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def lte_loss(out: AllExits, labels: torch.Tensor, regression: bool, lte: LteLoss = REFERENCE_LTE) -> torch.Tensor:
     """J: one MSE over every layer (the last included) and sample (targets detached, LTE input not)."""
     assert out.lte is not None
-    return F.mse_loss(out.lte, lte_targets(out.logits, labels, regression))
+    return lte.weight * F.mse_loss(out.lte, lte_targets(out.logits, labels, regression, lte.target))
 
 
 def distill_losses(logits: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -144,9 +171,11 @@ def task_loss(objective: str, out: AllExits, labels: torch.Tensor, regression: b
     raise ValueError(f"unknown objective {objective!r}")
 
 
-def objective_loss(phase: Phase, out: AllExits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def objective_loss(
+    phase: Phase, out: AllExits, labels: torch.Tensor, regression: bool, lte: LteLoss = REFERENCE_LTE
+) -> torch.Tensor:
     """The loss one training step minimises: the phase's exit losses, plus J where it trains the LTE."""
     loss = task_loss(phase.objective, out, labels, regression)
     if out.lte is not None and phase.trains_lte:
-        loss = loss + lte_loss(out, labels, regression)
+        loss = loss + lte_loss(out, labels, regression, lte)
     return loss

@@ -34,7 +34,9 @@ from exitserve.models.inference import record_all_layers
 from exitserve.models.strategies import (
     DEFAULT_STRATEGY,
     MULTI_EPOCH,
+    REFERENCE_LTE,
     STRATEGIES,
+    LteLoss,
     num_stages,
     objective_loss,
     phase_for,
@@ -58,6 +60,8 @@ class TrainOptions:
     seed: int = 42
     pooling: str = "mean"
     lte: bool | None = None  # None: on for regression, off for classification
+    lte_weight: float = 1.0  # J's weight (the reference's: 1)
+    lte_target: str = "label"  # label: 1 - tanh|y_hat - y| (the reference); final: agreement with the last layer
     criterion: str | None = None  # None: lte for regression, max-prob for classification
     default_threshold: float = 0.9
     fp16_weights: bool = False
@@ -102,9 +106,11 @@ class _EpochCounter(TrainerCallback):
 class EarlyExitTrainer(Trainer):
     """The stock Trainer with the loss of the chosen strategy (in training `stage` of it)."""
 
-    def __init__(self, *args, strategy: str, regression: bool, stage: int = 0, **kwargs):
+    def __init__(
+        self, *args, strategy: str, regression: bool, stage: int = 0, lte_loss: LteLoss = REFERENCE_LTE, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.strategy, self.regression, self.stage = strategy, regression, stage
+        self.strategy, self.regression, self.stage, self.lte_loss = strategy, regression, stage, lte_loss
         self.epoch_index, self.epoch_start_step = -1, 0
         self.add_callback(_EpochCounter(self))
 
@@ -128,7 +134,7 @@ class EarlyExitTrainer(Trainer):
         labels = inputs.pop("labels")
         phase = self.current_phase()
         out = model(**inputs, detach_backbone=phase.detach_backbone)
-        loss = objective_loss(phase, out, labels, self.regression)
+        loss = objective_loss(phase, out, labels, self.regression, self.lte_loss)
         return (loss, out) if return_outputs else loss
 
 
@@ -140,6 +146,7 @@ def fit(
     strategy: str,
     regression: bool,
     callbacks: Sequence[TrainerCallback] = (),
+    lte_loss: LteLoss = REFERENCE_LTE,
 ) -> int:
     """Train `model` in place with the strategy: one Trainer run per stage, each with a fresh
     optimiser and schedule over all `args.num_train_epochs`. Returns the optimisation steps."""
@@ -147,7 +154,7 @@ def fit(
     for stage in range(num_stages(strategy)):
         trainer = EarlyExitTrainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks),
-            strategy=strategy, regression=regression, stage=stage,
+            strategy=strategy, regression=regression, stage=stage, lte_loss=lte_loss,
         )
         trainer.train()
         steps += trainer.state.global_step
@@ -164,6 +171,7 @@ def _check(options: TrainOptions) -> None:
 def train(options: TrainOptions) -> Path:
     """Train, score every exit on the dev split (if there is one), save a checkpoint."""
     _check(options)
+    lte_loss = LteLoss(options.lte_weight, options.lte_target)
     set_seed(options.seed)
     spec, train_rows = load_examples(options.data, "train", options.columns)
     train_rows = train_rows.subset(options.max_train_samples, options.seed)
@@ -181,7 +189,8 @@ def train(options: TrainOptions) -> Path:
     dataset = TextDataset(samples, train_rows.labels)
     collator = Collator(tokenizer.pad_token_id, spec.is_regression)
     started = time.perf_counter()
-    steps = fit(model, _training_arguments(options), dataset, collator, options.strategy, spec.is_regression)
+    steps = fit(model, _training_arguments(options), dataset, collator, options.strategy, spec.is_regression,
+                lte_loss=lte_loss)
     elapsed = time.perf_counter() - started
 
     model.eval()

@@ -172,3 +172,21 @@ def test_train_end_to_end_writes_a_loadable_checkpoint_with_dev_scores(tmp_path,
 def test_alternating_epoch_needs_two_epochs():
     with pytest.raises(ValueError, match="--epochs >= 2"):
         train(TrainOptions(strategy="alternating-epoch", epochs=1))
+
+
+def test_lte_target_final_predicts_agreement_with_the_last_layer_and_the_weight_scales_j():
+    from exitserve.models.early_exit import AllExits
+    from exitserve.models.strategies import LteLoss, lte_loss, lte_targets
+
+    logits = torch.tensor([[[1.0], [3.0]], [[2.0], [2.5]]])  # [L=2, B=2, 1]
+    labels = torch.tensor([2.0, 0.0])
+    agreement = lte_targets(logits, labels, regression=True, target="final")
+    assert torch.allclose(agreement, torch.stack([1 - torch.tanh(torch.tensor([1.0, 0.5])), torch.ones(2)]))
+    classes = torch.tensor([[[2.0, 1.0], [0.0, 1.0]], [[2.0, 1.0], [1.0, 0.0]]])  # exit 1: [0, 1]; final: [0, 0]
+    assert lte_targets(classes, torch.tensor([1, 1]), False, "final").tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    assert lte_targets(classes, torch.tensor([1, 1]), False, "label").tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    out = AllExits(logits, torch.full((2, 2), 0.5))
+    one, three = lte_loss(out, labels, True, LteLoss(1.0)), lte_loss(out, labels, True, LteLoss(3.0))
+    assert float(three) == pytest.approx(3 * float(one))
+    with pytest.raises(ValueError, match="unknown LTE target"):
+        LteLoss(target="layer")
