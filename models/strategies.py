@@ -14,14 +14,14 @@ MSE for regression), i = 1..n, exit n being the final classifier.
                      switched per epoch (epochs 1, 3, ... L_n; epochs 2, 4, ... the odd-step one).
                      Needs >= 2 epochs. The reference code has no per-epoch form.
   joint              sum_i L_i: everything together.
-  two-stage          DeeBERT, as the reference's `two_stage`: two full trainings of --epochs each,
-                     each with a fresh optimiser and schedule. Stage 1: L_n (backbone + final
-                     classifier). Stage 2: sum_{i<n} L_i with the backbone's output detached, so
-                     only exits 1..n-1 (and the LTE module) learn; backbone and final classifier
-                     stay exactly as stage 1 left them.
-  weighted           PABEE's (the reference's `weight-linear`): sum_i i * L_i / sum_i i. The default:
-                     in experiment 1 (docs/RESULTS.md) it kept the final layer at Raw's quality
-                     (within noise) like the alternating forms, with far better early exits.
+  two-stage          DeeBERT, as the reference's `two_stage` (the default): two full trainings of
+                     --epochs each, each with a fresh optimiser and schedule. Stage 1: L_n
+                     (backbone + final classifier) -- exactly the Raw fine-tune. Stage 2:
+                     sum_{i<n} L_i with the backbone's output detached, so only exits 1..n-1 (and
+                     the LTE module) learn; backbone and final classifier stay exactly as stage 1
+                     left them. Chosen as the default in experiment 1 (docs/RESULTS.md): its final
+                     layer is Raw's by construction, its early exits matched the best measured.
+  weighted           PABEE's (the reference's `weight-linear`): sum_i i * L_i / sum_i i.
   self-distill       FastBERT-like: L_n + sum_{i<n} (L_i + KD_i), KD_i being the soft cross-entropy
                      against the detached final softmax (MSE to the detached final output for
                      regression).
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from exitserve.models.early_exit import AllExits
 
 STRATEGIES = ("alternating", "alternating-epoch", "joint", "two-stage", "weighted", "self-distill", "raw")
-DEFAULT_STRATEGY = "weighted"
+DEFAULT_STRATEGY = "two-stage"
 MULTI_EPOCH = ("alternating-epoch",)
 LTE_TARGETS = ("label", "final")
 
