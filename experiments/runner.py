@@ -80,7 +80,10 @@ PLANS: dict[str, list[RunSpec]] = {
     ],
     "exp3": [RunSpec("STS-B", "minilm-l6", DEFAULT_STRATEGY, None, epochs=4)],
     # experiment 3's Raw reference and its measured attempts to make LTE beat the fixed depth
-    "exp3-lte": [RunSpec("STS-B", "minilm-l6", s, None, epochs=4) for s in ("raw", "weighted", "alternating")],
+    "exp3-lte": [
+        *(RunSpec("STS-B", "minilm-l6", s, None, epochs=4) for s in ("raw", "weighted", "alternating")),
+        RunSpec("STS-B", "minilm-l6", DEFAULT_STRATEGY, None, epochs=4, lte_target="final"),
+    ],
 }
 
 
