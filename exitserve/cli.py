@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: they load torch, which `exitserve serve` must not do before it
     # has re-executed itself on jemalloc (main, server/allocator.py)
     from exitserve.models.criteria import CRITERIA
-    from exitserve.models.strategies import STRATEGIES
+    from exitserve.models.strategies import DEFAULT_STRATEGY, LTE_TARGETS, STRATEGIES
 
     parser = argparse.ArgumentParser(prog="exitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minilm-l6, mpnet-base, or any HF encoder id / local directory")
     _add_data_args(p, required=False)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
-    p.add_argument("--strategy", choices=STRATEGIES, default="alternating")
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                   help="fine-tuning strategy (models/strategies.py; README table); default: %(default)s")
     p.add_argument("--raw", action="store_true", help="plain fine-tune baseline (no exits trained)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the final classifier always reads the first token (stock HF head)")
     p.add_argument("--lte", action=argparse.BooleanOptionalAction, default=None,
                    help="train the LTE module (default: on for regression)")
+    p.add_argument("--lte-weight", type=float, default=1.0, help="weight of the LTE loss (reference: 1)")
+    p.add_argument("--lte-target", choices=LTE_TARGETS, default="label",
+                   help="what the LTE predicts: closeness of each exit to the label (reference) or to the "
+                   "final layer's answer")
     p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="default: lte for regression, max-prob for classification")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as fp16 (half the size)")
@@ -157,7 +162,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         strategy="raw" if args.raw else args.strategy, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
-        pooling=args.pooling, lte=args.lte, criterion=args.criterion, fp16_weights=args.fp16_weights,
+        pooling=args.pooling, lte=args.lte, lte_weight=args.lte_weight, lte_target=args.lte_target,
+        criterion=args.criterion, fp16_weights=args.fp16_weights,
         columns=_columns(args),
     )
     path = train(options)

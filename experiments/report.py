@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-STRATEGY_ORDER = ("raw", "two-stage", "joint", "alternating", "weighted", "self-distill")
+STRATEGY_ORDER = ("raw", "two-stage", "joint", "alternating-epoch", "alternating", "weighted", "self-distill")
 
 
 def _load(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -15,6 +15,12 @@ def _load(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
         data = json.loads(path.read_text())
         (timings if path.stem.endswith("-timing") else reports)[path.stem] = data
     return reports, timings
+
+
+def best_at(points: list[dict], target: float) -> dict | None:
+    """The point saving the most layers among those scoring >= target (None if none does)."""
+    passing = [p for p in points if p["score"] >= target]
+    return max(passing, key=lambda p: (p["layers_saved"], p["score"])) if passing else None
 
 
 def _plt():
@@ -61,7 +67,25 @@ def layerwise(reports: dict[str, dict], out: Path) -> list[str]:
         png = out / f"exp1_{task.lower()}_{backbone}_n{size}.png"
         fig.savefig(png, dpi=120)
         plt.close(fig)
-        lines += ["", f"![{task} {backbone}]({png.name})", "", *findings(runs, n_layers), ""]
+        lines += ["", f"![{task} {backbone}]({png.name})", "", *findings(runs, n_layers), "",
+                  *strategy_summary(runs, ref, n_layers), ""]
+    return lines
+
+
+def strategy_summary(runs: dict[str, dict], ref: float | None, n_layers: int, level: float = 0.99) -> list[str]:
+    """Per strategy: final layer and early exits relative to Raw, and the most layers saved by a
+    threshold of the sweep that keeps >= `level` of Raw's final-layer score (best dev point)."""
+    if not ref:
+        return []
+    half = n_layers // 2
+    lines = [f"| strategy | final layer vs Raw | mean of layers 1–{half} vs Raw | most layers saved at ≥ {level} of "
+             "Raw (threshold) |", "|---|---|---|---|"]
+    for strategy in [s for s in STRATEGY_ORDER if s in runs and s != "raw"]:
+        r = runs[strategy]
+        scores = [row["score"] / ref for row in r["per_layer"]]
+        best = best_at(r["sweep"], level * ref)
+        saved = f"{best['layers_saved']:.1%} ({best['threshold']})" if best else "none"
+        lines.append(f"| {strategy} | {scores[-1]:.3f} | {sum(scores[:half]) / half:.3f} | {saved} |")
     return lines
 
 
@@ -137,28 +161,80 @@ def tradeoff(reports: dict[str, dict], timings: dict[str, dict], out: Path) -> l
     return [*lines, "", "![trade-off](exp2_tradeoff.png)"]
 
 
-def regression(reports: dict[str, dict], out: Path) -> list[str]:
-    """Experiment 3: STS-B, LTE vs patience, Spearman against mean exit layer."""
-    sts = {r["criterion"]: r for r in reports.values() if r["task"] == "STS-B"}
-    if not sts:
+def fixed_depth(report: dict) -> list[dict]:
+    """The fixed-depth baseline: every sample exits at layer k (the layer-wise scores)."""
+    n = report["num_layers"]
+    return [{"setting": f"layer {r['layer']}", "score": r["score"], "mean_exit_layer": r["layer"],
+             "layers_saved": 1 - r["layer"] / n} for r in report["per_layer"]]
+
+
+def regression(reports: dict[str, dict], out: Path, level: float = 0.99) -> list[str]:
+    """Experiment 3: STS-B, the LTE and patience criteria against the fixed-depth baseline, per run."""
+    runs: dict[str, dict[str, dict]] = defaultdict(dict)
+    raw = None  # Raw trains no exits: only its final layer, the reference for the others'
+    for r in reports.values():
+        if r["task"] == "STS-B":
+            if r["strategy"] == "raw":
+                raw = r["final_layer_score"]
+            else:
+                runs[r["run"]][r["criterion"]] = r
+    if not runs:
         return ["(experiment 3 not run yet)"]
+
+    def cell(point: dict | None) -> str:
+        if point is None:
+            return "none"
+        setting = point.get("setting") or f"threshold {point['threshold']}"
+        return f"{setting}: {point['score']:.4f}, **{point['layers_saved']:.1%}** saved"
+
+    lines = [f"Best point at ≥ {level} of the model's own final-layer Spearman, chosen on the dev pairs it is "
+             "scored on (a frontier comparison, not a calibrated promise)"
+             + (f"; final layer also relative to Raw ({raw:.4f})" if raw else "") + ":", "",
+             "| run | final layer | fixed depth (every pair exits at layer k) | LTE | patience |",
+             "|---|---|---|---|---|"]
+    details = []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    lines = ["| criterion | threshold | Spearman | mean exit layer | layers saved |", "|---|---|---|---|---|"]
-    for criterion, r in sorted(sts.items()):
-        pts = sorted(r["sweep"], key=lambda row: row["mean_exit_layer"])
-        ax.plot([p["mean_exit_layer"] for p in pts], [p["score"] for p in pts], marker=".", label=criterion)
-        for p in r["sweep"]:
-            if p["threshold"] in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0):
-                lines.append(f"| {criterion} | {p['threshold']} | {p['score']:.4f} | {p['mean_exit_layer']:.2f} | "
-                             f"{p['layers_saved']:.1%} |")
-    ax.set(xlabel="mean exit layer", ylabel="Spearman", title="STS-B: LTE vs patience")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "exp3_stsb.png", dpi=120)
-    plt.close(fig)
-    return [*lines, "", "![STS-B](exp3_stsb.png)"]
+    for name, by_criterion in sorted(runs.items()):
+        any_report = next(iter(by_criterion.values()))
+        final = any_report["final_layer_score"]
+        target = level * final
+        depth = fixed_depth(any_report)
+        best_depth = best_at(depth, target)
+        best = {c: best_at(r["sweep"], target) for c, r in by_criterion.items()}
+        vs_raw = f" ({final / raw:.3f} of Raw)" if raw else ""
+        lines.append(f"| {name} | {final:.4f}{vs_raw} | {cell(best_depth)} | {cell(best.get('lte'))} | "
+                     f"{cell(best.get('patience'))} |")
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.plot([100 * p["layers_saved"] for p in depth], [p["score"] for p in depth], marker="s", color="black",
+                label="fixed depth (layer k)")
+        for criterion, r in sorted(by_criterion.items()):
+            pts = sorted(r["sweep"], key=lambda row: row["layers_saved"])
+            ax.plot([100 * p["layers_saved"] for p in pts], [p["score"] for p in pts], marker=".", label=criterion)
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"{level} × final layer")
+        ax.set(xlabel="layers saved (%)", ylabel="Spearman", title=f"STS-B frontier: {name}",
+               ylim=(max(0.0, min(p["score"] for p in depth[2:]) - 0.02), final + 0.01))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = out / f"exp3_{name}.png"
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+
+        details += [f"#### {name}", "",
+                    "| exit rule | setting | Spearman | relative | mean exit layer | layers saved |",
+                    "|---|---|---|---|---|---|"]
+        details += [f"| fixed depth | {p['setting']} | {p['score']:.4f} | {p['score'] / final:.3f} | "
+                    f"{p['mean_exit_layer']:.2f} | {p['layers_saved']:.1%} |" for p in depth]
+        for criterion, r in sorted(by_criterion.items()):
+            shown = {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
+            if best[criterion]:
+                shown.add(best[criterion]["threshold"])
+            details += [f"| {criterion} | threshold {p['threshold']} | {p['score']:.4f} | {p['score'] / final:.3f} | "
+                        f"{p['mean_exit_layer']:.2f} | {p['layers_saved']:.1%} |"
+                        for p in r["sweep"] if p["threshold"] in shown]
+        details += ["", f"![STS-B {name}]({png.name})", ""]
+    return [*lines, "", *details]
 
 
 def write_report(out: Path) -> Path:

@@ -1,26 +1,50 @@
 """Fine-tuning strategies: which loss is minimised at each point of training.
 
-Notation: L_i is exit i's task loss (cross-entropy, or MSE for regression), i = 1..n, exit n being
-the final classifier; J_i is the LTE loss of exit i, (u_i - target_i)^2 with the target detached:
-1 - tanh|y_hat_i - y| for regression, 1[argmax == label] for classification. J is added wherever
-the early exits 1..n-1 are trained, and only when the model has an LTE module.
+Built after the BERxiT reference code (castorini/berxit, `examples/run_highway_glue.py` and
+`transformers/modeling_highway_bert.py`). Notation: L_i is exit i's task loss (cross-entropy, or
+MSE for regression), i = 1..n, exit n being the final classifier.
 
-  raw            L_n only: a plain fine-tune, the exits are never trained (the baseline).
-  joint          sum_i L_i (+ J): everything together.
-  two-stage      DeeBERT. First half of the epochs: L_n (backbone + final classifier). Second half:
-                 sum_{i<n} L_i (+ J) with the backbone's output detached, so only exits 1..n-1 (and
-                 LTE) learn; backbone and final classifier stay exactly as after stage one.
-  alternating    BERxiT (the default), the article's form: odd epochs (1, 3, ...) minimise L_n
-                 (backbone + final classifier); even epochs minimise the joint objective
-                 sum_i L_i (+ J) (backbone + all exits). These are the two objectives of the
-                 reference code, which switches them per optimisation step instead: see
-                 `alternating-step`.
-  alternating-step  the reference code's variant: even optimisation steps L_n, odd steps the joint
-                 objective.
-  weighted       PABEE's: sum_i i * L_i / sum_i i (+ J).
-  self-distill   FastBERT-like: L_n + sum_{i<n} (L_i + KD_i) (+ J), KD_i being the soft
-                 cross-entropy against the detached final softmax (MSE to the detached final output
-                 for regression).
+  alternating        BERxiT, as the reference code does it: the objective switches
+                     every optimisation step, counted within the epoch as the reference does
+                     (`step_num`). Even steps: L_n (backbone + final classifier). Odd steps: the
+                     joint objective sum_i L_i (backbone + all exits) -- the reference's `alternate`.
+                     With the LTE module the odd steps are sum_{i<n} L_i (backbone + exits 1..n-1,
+                     final classifier untouched), as the reference's `alternate-lte` defines them.
+  alternating-epoch  the article's wording ("odd and even epochs"): the same two objectives
+                     switched per epoch (epochs 1, 3, ... L_n; epochs 2, 4, ... the odd-step one).
+                     Needs >= 2 epochs. The reference code has no per-epoch form.
+  joint              sum_i L_i: everything together.
+  two-stage          DeeBERT, as the reference's `two_stage` (the default): two full trainings of
+                     --epochs each, each with a fresh optimiser and schedule. Stage 1: L_n
+                     (backbone + final classifier) -- exactly the Raw fine-tune. Stage 2:
+                     sum_{i<n} L_i with the backbone's output detached, so only exits 1..n-1 (and
+                     the LTE module) learn; backbone and final classifier stay exactly as stage 1
+                     left them. Chosen as the default in experiment 1 (docs/RESULTS.md): its final
+                     layer is Raw's by construction, its early exits matched the best measured.
+  weighted           PABEE's (the reference's `weight-linear`): sum_i i * L_i / sum_i i.
+  self-distill       FastBERT-like: L_n + sum_{i<n} (L_i + KD_i), KD_i being the soft cross-entropy
+                     against the detached final softmax (MSE to the detached final output for
+                     regression).
+  raw                L_n only: a plain fine-tune, the exits are never trained (the baseline).
+
+The LTE loss (models with the learned-to-exit module; on by default for regression) is the
+reference's: J = one MSE, weight 1, between the LTE outputs u_i and their detached targets over
+every layer i = 1..n (the last included) and every sample of the batch, added to the objective of
+every step that trains the LTE module -- every step of every strategy except raw and two-stage's
+first stage. Targets: 1 - tanh|y_hat_i - y| for regression, 1[argmax_i == label] for
+classification (the reference predicts the complement and exits below its threshold; the loss is
+the same). `LteLoss` can change the two things experiment 3 measured (docs/RESULTS.md): the weight
+of J, and what the LTE predicts -- `target="final"` replaces the label by the final layer's
+(detached) answer: 1 - tanh|y_hat_i - y_hat_n| or 1[argmax_i == argmax_n], i.e. "exit i agrees
+with the full model", which is what an exit must preserve.
+
+One deviation from the reference, kept for a clean parameter split: on alternating's even steps
+the reference's optimiser also moves the exit heads 1..n-1 (their poolers feed the LTE); here
+those steps train backbone, final classifier and LTE only (J still reaches the backbone through
+them).
+
+Parameters outside a phase's groups get no update at all (not even weight decay or Adam momentum):
+the Trainer drops their gradients (models/training.py); tests check it for every strategy.
 """
 
 from __future__ import annotations
@@ -33,8 +57,27 @@ import torch.nn.functional as F
 from exitserve.models.answers import answers
 from exitserve.models.early_exit import AllExits
 
-STRATEGIES = ("alternating", "alternating-step", "joint", "two-stage", "weighted", "self-distill", "raw")
-MULTI_EPOCH = ("alternating", "two-stage")
+STRATEGIES = ("alternating", "alternating-epoch", "joint", "two-stage", "weighted", "self-distill", "raw")
+DEFAULT_STRATEGY = "two-stage"
+MULTI_EPOCH = ("alternating-epoch",)
+LTE_TARGETS = ("label", "final")
+
+
+@dataclass(frozen=True)
+class LteLoss:
+    """J's weight and what the LTE learns to predict (see the module docstring)."""
+
+    weight: float = 1.0
+    target: str = "label"  # label | final
+
+    def __post_init__(self) -> None:
+        if self.target not in LTE_TARGETS:
+            raise ValueError(f"unknown LTE target {self.target!r}; choose one of {', '.join(LTE_TARGETS)}")
+        if self.weight < 0:
+            raise ValueError("the LTE loss weight must be >= 0")
+
+
+REFERENCE_LTE = LteLoss()  # weight 1, closeness to the label: the reference code's
 
 
 @dataclass(frozen=True)
@@ -46,23 +89,33 @@ class Phase:
     detach_backbone: bool = False
     frozen: tuple[str, ...] = ()
 
+    @property
+    def trains_lte(self) -> bool:
+        return "lte" not in self.frozen
 
-FINAL = Phase("final", frozen=("exits", "lte"))
+
+PLAIN = Phase("final", frozen=("exits", "lte"))  # raw, two-stage's first stage
+FINAL = Phase("final", frozen=("exits",))  # alternation's L_n steps (+ J with an LTE module)
+EXITS_ONLY = Phase("exits", detach_backbone=True, frozen=("backbone", "final"))  # two-stage's second stage
 
 
-def phase_for(strategy: str, epoch: int, num_epochs: int, step: int) -> Phase:
-    """The objective at 0-based `epoch` (of `num_epochs`) and optimisation `step`."""
+def num_stages(strategy: str) -> int:
+    """How many separate trainings (fresh optimiser and schedule each) the strategy runs."""
+    return 2 if strategy == "two-stage" else 1
+
+
+def phase_for(strategy: str, *, stage: int = 0, epoch: int = 0, step: int = 0, lte: bool = False) -> Phase:
+    """The objective in training `stage`, at 0-based `epoch` and optimisation `step` within that
+    epoch, for a model with (`lte`) or without the LTE module."""
+    odd = Phase("exits", frozen=("final",)) if lte else Phase("joint")
     if strategy == "raw":
-        return FINAL
+        return PLAIN
     if strategy == "alternating":
-        return FINAL if epoch % 2 == 0 else Phase("joint")
-    if strategy == "alternating-step":
-        return FINAL if step % 2 == 0 else Phase("joint")
+        return FINAL if step % 2 == 0 else odd
+    if strategy == "alternating-epoch":
+        return FINAL if epoch % 2 == 0 else odd
     if strategy == "two-stage":
-        first_stage_epochs = (num_epochs + 1) // 2
-        if epoch < first_stage_epochs:
-            return FINAL
-        return Phase("exits", detach_backbone=True, frozen=("backbone", "final"))
+        return PLAIN if stage == 0 else EXITS_ONLY
     if strategy in ("joint", "weighted", "self-distill"):
         return Phase(strategy)
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -76,13 +129,21 @@ def layer_losses(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -
     return flat.view(logits.shape[0], -1).mean(-1)
 
 
-def lte_losses(out: AllExits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """J_i for every exit: `[L]` (targets detached, LTE input not)."""
-    assert out.lte is not None
+def lte_targets(logits: torch.Tensor, labels: torch.Tensor, regression: bool, target: str = "label") -> torch.Tensor:
+    """What the LTE module learns to predict for every exit and sample, `[L, B]` (no gradient):
+    closeness to the label, or (`target="final"`) to the final layer's answer."""
     with torch.no_grad():
-        answer = answers(out.logits, regression)
-        target = 1.0 - torch.tanh((answer - labels.float()).abs()) if regression else (answer == labels).float()
-    return ((out.lte - target) ** 2).mean(-1)
+        answer = answers(logits, regression)
+        reference = labels.float() if target == "label" else answer[-1]
+        if regression:
+            return 1.0 - torch.tanh((answer - reference).abs())
+        return (answer == reference).float()
+
+
+def lte_loss(out: AllExits, labels: torch.Tensor, regression: bool, lte: LteLoss = REFERENCE_LTE) -> torch.Tensor:
+    """J: one MSE over every layer (the last included) and sample (targets detached, LTE input not)."""
+    assert out.lte is not None
+    return lte.weight * F.mse_loss(out.lte, lte_targets(out.logits, labels, regression, lte.target))
 
 
 def distill_losses(logits: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -94,19 +155,28 @@ def distill_losses(logits: torch.Tensor, regression: bool) -> torch.Tensor:
     return -(soft * logits[:-1].log_softmax(-1)).sum(-1).mean(-1)
 
 
-def objective_loss(phase: Phase, out: AllExits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def task_loss(objective: str, out: AllExits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """The objective's exit losses (without J)."""
     losses = layer_losses(out.logits, labels, regression)
-    n = losses.shape[0]
-    lte = lte_losses(out, labels, regression)[:-1].sum() if out.lte is not None else losses.new_zeros(())
-    if phase.objective == "final":
+    if objective == "final":
         return losses[-1]
-    if phase.objective == "exits":
-        return losses[:-1].sum() + lte
-    if phase.objective == "joint":
-        return losses.sum() + lte
-    if phase.objective == "weighted":
-        weights = torch.arange(1, n + 1, dtype=losses.dtype, device=losses.device)
-        return (weights * losses).sum() / weights.sum() + lte
-    if phase.objective == "self-distill":
-        return losses.sum() + distill_losses(out.logits, regression).sum() + lte
-    raise ValueError(f"unknown objective {phase.objective!r}")
+    if objective == "exits":
+        return losses[:-1].sum()
+    if objective == "joint":
+        return losses.sum()
+    if objective == "weighted":
+        weights = torch.arange(1, losses.shape[0] + 1, dtype=losses.dtype, device=losses.device)
+        return (weights * losses).sum() / weights.sum()
+    if objective == "self-distill":
+        return losses.sum() + distill_losses(out.logits, regression).sum()
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def objective_loss(
+    phase: Phase, out: AllExits, labels: torch.Tensor, regression: bool, lte: LteLoss = REFERENCE_LTE
+) -> torch.Tensor:
+    """The loss one training step minimises: the phase's exit losses, plus J where it trains the LTE."""
+    loss = task_loss(phase.objective, out, labels, regression)
+    if out.lte is not None and phase.trains_lte:
+        loss = loss + lte_loss(out, labels, regression, lte)
+    return loss

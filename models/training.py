@@ -1,13 +1,16 @@
 """`exitserve train`: fine-tune an early-exit model with the Hugging Face Trainer.
 
-`EarlyExitTrainer` subclasses `transformers.Trainer` and only overrides `compute_loss`: the loss of
-each step comes from `models.strategies` (which objective applies at this epoch/step). Everything
-else -- optimiser, schedule, progress bar, seeding -- is the stock Trainer.
+`EarlyExitTrainer` subclasses `transformers.Trainer` and only overrides the loss: the loss of each
+step comes from `models.strategies` (which objective applies at this stage/epoch/step), and the
+gradients of the parameter groups a phase leaves untouched are dropped. Everything else --
+optimiser, schedule, progress bar, seeding -- is the stock Trainer. A strategy with two stages
+(two-stage) runs two Trainers one after the other, each with a fresh optimiser and schedule.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,16 @@ from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import Encoded, collate, encode
 from exitserve.models.evaluation import per_layer_scores
 from exitserve.models.inference import record_all_layers
-from exitserve.models.strategies import MULTI_EPOCH, STRATEGIES, objective_loss, phase_for
+from exitserve.models.strategies import (
+    DEFAULT_STRATEGY,
+    MULTI_EPOCH,
+    REFERENCE_LTE,
+    STRATEGIES,
+    LteLoss,
+    num_stages,
+    objective_loss,
+    phase_for,
+)
 
 
 @dataclass
@@ -37,7 +49,7 @@ class TrainOptions:
     backbone: str = "minilm-l6"
     data: str = DEFAULT_DATA
     output: str = "runs/model"
-    strategy: str = "alternating"
+    strategy: str = DEFAULT_STRATEGY
     epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -49,6 +61,8 @@ class TrainOptions:
     seed: int = 42
     pooling: str = "mean"
     lte: bool | None = None  # None: on for regression, off for classification
+    lte_weight: float = 1.0  # J's weight (the reference's: 1)
+    lte_target: str = "label"  # label: 1 - tanh|y_hat - y| (the reference); final: agreement with the last layer
     criterion: str | None = None  # None: lte for regression, max-prob for classification
     default_threshold: float = 0.9
     fp16_weights: bool = False
@@ -79,25 +93,32 @@ class Collator:
 
 
 class _EpochCounter(TrainerCallback):
+    """Counts epochs and remembers the optimisation step each one began at (the reference code
+    alternates on the step number within the epoch)."""
+
     def __init__(self, trainer: EarlyExitTrainer):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer.epoch_index += 1
+        self.trainer.epoch_start_step = state.global_step
 
 
 class EarlyExitTrainer(Trainer):
-    """The stock Trainer with the loss of the chosen strategy."""
+    """The stock Trainer with the loss of the chosen strategy (in training `stage` of it)."""
 
-    def __init__(self, *args, strategy: str, regression: bool, **kwargs):
+    def __init__(
+        self, *args, strategy: str, regression: bool, stage: int = 0, lte_loss: LteLoss = REFERENCE_LTE, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.strategy, self.regression = strategy, regression
-        self.epoch_index = -1
+        self.strategy, self.regression, self.stage, self.lte_loss = strategy, regression, stage, lte_loss
+        self.epoch_index, self.epoch_start_step = -1, 0
         self.add_callback(_EpochCounter(self))
 
     def current_phase(self):
         return phase_for(
-            self.strategy, max(self.epoch_index, 0), int(self.args.num_train_epochs), self.state.global_step
+            self.strategy, stage=self.stage, epoch=max(self.epoch_index, 0),
+            step=self.state.global_step - self.epoch_start_step, lte=self.model.lte is not None,
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -114,8 +135,31 @@ class EarlyExitTrainer(Trainer):
         labels = inputs.pop("labels")
         phase = self.current_phase()
         out = model(**inputs, detach_backbone=phase.detach_backbone)
-        loss = objective_loss(phase, out, labels, self.regression)
+        loss = objective_loss(phase, out, labels, self.regression, self.lte_loss)
         return (loss, out) if return_outputs else loss
+
+
+def fit(
+    model: EarlyExitModel,
+    args: TrainingArguments,
+    dataset: Dataset,
+    collator: Collator,
+    strategy: str,
+    regression: bool,
+    callbacks: Sequence[TrainerCallback] = (),
+    lte_loss: LteLoss = REFERENCE_LTE,
+) -> int:
+    """Train `model` in place with the strategy: one Trainer run per stage, each with a fresh
+    optimiser and schedule over all `args.num_train_epochs`. Returns the optimisation steps."""
+    steps = 0
+    for stage in range(num_stages(strategy)):
+        trainer = EarlyExitTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks),
+            strategy=strategy, regression=regression, stage=stage, lte_loss=lte_loss,
+        )
+        trainer.train()
+        steps += trainer.state.global_step
+    return steps
 
 
 def _check(options: TrainOptions) -> None:
@@ -128,6 +172,7 @@ def _check(options: TrainOptions) -> None:
 def train(options: TrainOptions) -> Path:
     """Train, score every exit on the dev split (if there is one), save a checkpoint."""
     _check(options)
+    lte_loss = LteLoss(options.lte_weight, options.lte_target)
     set_seed(options.seed)
     spec, train_rows = load_examples(options.data, "train", options.columns)
     train_rows = train_rows.subset(options.max_train_samples, options.seed)
@@ -142,7 +187,33 @@ def train(options: TrainOptions) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
     model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
     samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
-    args = TrainingArguments(
+    dataset = TextDataset(samples, train_rows.labels)
+    collator = Collator(tokenizer.pad_token_id, spec.is_regression)
+    started = time.perf_counter()
+    steps = fit(model, _training_arguments(options), dataset, collator, options.strategy, spec.is_regression,
+                lte_loss=lte_loss)
+    elapsed = time.perf_counter() - started
+
+    model.eval()
+    exit_config = ExitConfig(
+        task=spec.name, task_type=spec.task_type, metric=spec.metric, label_names=list(spec.label_names),
+        num_layers=model.num_layers, backbone=options.backbone, criterion=criterion,
+        default_threshold=options.default_threshold, use_lte=use_lte, max_length=options.max_length,
+        pooling=options.pooling,
+        strategy=options.strategy, text_column=spec.text_column, pair_column=spec.pair_column,
+        training={
+            **{k: v for k, v in asdict(options).items() if k not in ("columns", "output")},
+            "train_samples": len(train_rows), "train_seconds": round(elapsed, 1),
+            "steps": steps,
+        },
+    )
+    if dev_rows is not None and len(dev_rows):
+        exit_config.dev_scores = dev_layer_scores(model, tokenizer, exit_config, dev_rows)
+    return save_checkpoint(options.output, model, tokenizer, exit_config, fp16=options.fp16_weights)
+
+
+def _training_arguments(options: TrainOptions) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(Path(options.output) / "trainer"),
         per_device_train_batch_size=options.batch_size,
         num_train_epochs=options.epochs,
@@ -158,34 +229,6 @@ def train(options: TrainOptions) -> Path:
         remove_unused_columns=False,
         label_names=["labels"],
     )
-    trainer = EarlyExitTrainer(
-        model=model,
-        args=args,
-        train_dataset=TextDataset(samples, train_rows.labels),
-        data_collator=Collator(tokenizer.pad_token_id, spec.is_regression),
-        strategy=options.strategy,
-        regression=spec.is_regression,
-    )
-    started = time.perf_counter()
-    trainer.train()
-    elapsed = time.perf_counter() - started
-
-    model.eval()
-    exit_config = ExitConfig(
-        task=spec.name, task_type=spec.task_type, metric=spec.metric, label_names=list(spec.label_names),
-        num_layers=model.num_layers, backbone=options.backbone, criterion=criterion,
-        default_threshold=options.default_threshold, use_lte=use_lte, max_length=options.max_length,
-        pooling=options.pooling,
-        strategy=options.strategy, text_column=spec.text_column, pair_column=spec.pair_column,
-        training={
-            **{k: v for k, v in asdict(options).items() if k not in ("columns", "output")},
-            "train_samples": len(train_rows), "train_seconds": round(elapsed, 1),
-            "steps": trainer.state.global_step,
-        },
-    )
-    if dev_rows is not None and len(dev_rows):
-        exit_config.dev_scores = dev_layer_scores(model, tokenizer, exit_config, dev_rows)
-    return save_checkpoint(options.output, model, tokenizer, exit_config, fp16=options.fp16_weights)
 
 
 def dev_layer_scores(model: EarlyExitModel, tokenizer, exit_config: ExitConfig, rows: Examples) -> dict:
