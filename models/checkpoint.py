@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from exitserve.models.criteria import CRITERIA, ExitCriterion, expand_thresholds
-from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.early_exit import ACTIVATIONS, EarlyExitModel
 from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
 
 SCHEMA_VERSION = 1
@@ -53,6 +53,7 @@ class ExitConfig:
     use_lte: bool
     max_length: int = 128
     pooling: str = "mean"
+    final_activation: str = "tanh"  # relu for a DistilBERT-style final head
     patience_delta: float = 0.1
     strategy: str = "alternating"
     text_column: str = "text"
@@ -93,6 +94,8 @@ class ExitConfig:
             raise CheckpointError(f"exit config: unknown criterion {self.criterion!r}")
         if self.task_type == CLASSIFICATION and len(self.label_names) < 2:
             raise CheckpointError("exit config: a classifier needs at least two label names")
+        if self.final_activation not in ACTIVATIONS:
+            raise CheckpointError(f"exit config: unknown final_activation {self.final_activation!r}")
         if self.criterion == "lte" and not self.use_lte:
             raise CheckpointError("exit config: criterion 'lte' but the model has no LTE module")
         try:
@@ -189,7 +192,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         raise CheckpointError(f"{directory}/{WEIGHTS} is corrupt or truncated: {exc}") from exc
     try:
         model = EarlyExitModel.from_config(
-            backbone_config, exit_config.num_outputs, exit_config.use_lte, exit_config.pooling
+            backbone_config, exit_config.num_outputs, exit_config.use_lte, exit_config.pooling,
+            exit_config.final_activation,
         )
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {directory}: {exc}") from exc

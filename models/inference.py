@@ -119,7 +119,7 @@ def predict_batch(
     return results
 
 
-def _batches(samples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+def length_batches(samples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (less padding); callers restore the input order."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -137,7 +137,7 @@ def predict(
     """Early-exit predictions for any number of samples, in input order; one threshold per layer."""
     per_layer = torch.tensor(thresholds, dtype=torch.float32)
     results: list[Prediction | None] = [None] * len(samples)
-    for idx in _batches(samples, batch_size):
+    for idx in length_batches(samples, batch_size):
         rows = predict_batch(
             model, criterion, [samples[i] for i in idx], per_layer.expand(len(idx), -1), pad_id, return_trace
         )
@@ -154,7 +154,7 @@ def record_all_layers(
     device = next(model.parameters()).device
     logits = torch.zeros(model.num_layers, len(samples), model.num_outputs)
     lte = torch.zeros(model.num_layers, len(samples)) if model.lte is not None else None
-    for idx in _batches(samples, batch_size):
+    for idx in length_batches(samples, batch_size):
         batch = collate([samples[i] for i in idx], pad_id, device)
         out = model(**batch)
         logits[:, idx] = out.logits.float().cpu()

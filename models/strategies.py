@@ -21,6 +21,11 @@ the early exits 1..n-1 are trained, and only when the model has an LTE module.
   self-distill   FastBERT-like: L_n + sum_{i<n} (L_i + KD_i) (+ J), KD_i being the soft
                  cross-entropy against the detached final softmax (MSE to the detached final output
                  for regression).
+
+Retrofit (`exitserve train --from-classifier`, models/retrofit.py) is not a strategy over the whole
+model: backbone and final exit are a finished classifier, and only exits 1..n-1 (+ LTE) train, on
+cached features. `cached_exits_loss` is its objective: sum_{i<n} L_i (+ J), or with distillation
+sum_{i<n} KD_i (+ J) against the classifier's own output, J's target then being its answer.
 """
 
 from __future__ import annotations
@@ -111,3 +116,18 @@ def objective_loss(phase: Phase, out: AllExits, labels: torch.Tensor, regression
     if phase.objective == "self-distill":
         return losses.sum() + distill_losses(out.logits, regression).sum() + lte
     raise ValueError(f"unknown objective {phase.objective!r}")
+
+
+def cached_exits_loss(
+    exits: AllExits, final: torch.Tensor, labels: torch.Tensor | None, regression: bool
+) -> torch.Tensor:
+    """Retrofit's objective (module docstring): `exits` holds exits 1..n-1 only; `final` is the fixed
+    final exit's output `[B, C]`; `labels` None means distillation."""
+    if labels is None:
+        labels = final[:, 0] if regression else final.argmax(-1)
+        loss = distill_losses(torch.cat([exits.logits, final[None]]), regression).sum()
+    else:
+        loss = layer_losses(exits.logits, labels, regression).sum()
+    if exits.lte is not None:
+        loss = loss + lte_losses(exits, labels, regression).sum()
+    return loss

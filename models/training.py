@@ -124,6 +124,13 @@ def _check(options: TrainOptions) -> None:
         raise ValueError(f"strategy {options.strategy!r} alternates objectives by epoch: use --epochs >= 2")
 
 
+def exit_rule(regression: bool, lte: bool | None, criterion: str | None) -> tuple[bool, str]:
+    """Whether to train the LTE module and the default criterion: by default LTE for regression,
+    max-prob for classification."""
+    use_lte = regression if lte is None else lte
+    return use_lte, criterion or ("lte" if regression else "max-prob")
+
+
 def train(options: TrainOptions) -> Path:
     """Train, score every exit on the dev split (if there is one), save a checkpoint."""
     _check(options)
@@ -135,8 +142,7 @@ def train(options: TrainOptions) -> Path:
         dev_rows = dev_rows.subset(options.max_eval_samples, options.seed)
     except FileNotFoundError:
         dev_rows = None
-    use_lte = spec.is_regression if options.lte is None else options.lte
-    criterion = options.criterion or ("lte" if spec.is_regression else "max-prob")
+    use_lte, criterion = exit_rule(spec.is_regression, options.lte, options.criterion)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
     model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
@@ -174,7 +180,7 @@ def train(options: TrainOptions) -> Path:
         task=spec.name, task_type=spec.task_type, metric=spec.metric, label_names=list(spec.label_names),
         num_layers=model.num_layers, backbone=options.backbone, criterion=criterion,
         default_threshold=options.default_threshold, use_lte=use_lte, max_length=options.max_length,
-        pooling=options.pooling,
+        pooling=options.pooling, final_activation=model.final_activation,
         strategy=options.strategy, text_column=spec.text_column, pair_column=spec.pair_column,
         training={
             **{k: v for k, v in asdict(options).items() if k not in ("columns", "output")},

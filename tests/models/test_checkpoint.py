@@ -124,3 +124,27 @@ def test_reference_cls_pooling_round_trips_and_unknown_pooling_is_refused(tmp_pa
     edit_json(path / "exit_config.json", pooling="max")
     with pytest.raises(CheckpointError, match="unknown pooling 'max'"):
         load_checkpoint(path)
+
+
+def test_relu_final_head_round_trips_and_older_configs_default_to_tanh(tmp_path, tokenizer, sst2_texts):
+    from transformers import BertModel
+
+    from exitserve.models.early_exit import EarlyExitModel
+    from exitserve.models.encoding import collate, encode
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = EarlyExitModel(BertModel(tiny_bert_config()), 2, use_lte=False, final_activation="relu").eval()
+    path = save_checkpoint(tmp_path / "relu", model, tokenizer, make_exit_config(final_activation="relu"))
+    loaded = load_checkpoint(path).model
+    assert [h.activation for h in loaded.heads] == ["tanh"] * 3 + ["relu"]
+    batch = collate(encode(tokenizer, sst2_texts[:8]), tokenizer.pad_token_id)
+    with torch.inference_mode():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    raw = json.loads((path / "exit_config.json").read_text())
+    del raw["final_activation"]  # a checkpoint written before the field existed
+    (path / "exit_config.json").write_text(json.dumps(raw))
+    assert load_checkpoint(path).model.heads[-1].activation == "tanh"
+    edit_json(path / "exit_config.json", final_activation="gelu")
+    with pytest.raises(CheckpointError, match="unknown final_activation 'gelu'"):
+        load_checkpoint(path)
