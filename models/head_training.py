@@ -9,26 +9,16 @@ byte as they were. `HeadTrainer` subclasses the Trainer and only overrides the l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from exitserve.models.early_exit import AllExits, EarlyExitModel, lte_confidence
 from exitserve.models.feature_cache import CachedFeatures
 from exitserve.models.strategies import cached_exits_loss
-
-
-@dataclass(frozen=True)
-class HeadTrainingOptions:
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    warmup: float
-    seed: int
+from exitserve.models.training import RunOptions, trainer_arguments
 
 
 class ExitHeadStack(nn.Module):
@@ -63,27 +53,13 @@ class HeadTrainer(Trainer):
 
 
 def train_exit_heads(
-    model: EarlyExitModel, dataset: CachedFeatures, options: HeadTrainingOptions, work_dir: str | Path
+    model: EarlyExitModel, dataset: CachedFeatures, options: RunOptions, work_dir: str | Path
 ) -> int:
     """Train `model`'s early exits in place on `dataset` (labels, or the final exit's output when it
-    has none); returns the number of optimisation steps."""
-    stack = ExitHeadStack(model).train()
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=options.batch_size,
-        num_train_epochs=options.epochs,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
-        warmup_steps=options.warmup,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=50,
-        seed=options.seed,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        label_names=["labels"],
-    )
-    trainer = HeadTrainer(model=stack, args=args, train_dataset=dataset, regression=dataset.regression)
+    has none) with `options`' epochs, batch size, learning rate, ...; returns the optimisation steps."""
+    args = trainer_arguments(options, work_dir)
+    trainer = HeadTrainer(model=ExitHeadStack(model).train(), args=args, train_dataset=dataset,
+                          regression=dataset.regression)
     trainer.train()
     model.eval()
     return trainer.state.global_step

@@ -47,10 +47,6 @@ class ClassifierInfo:
     def regression(self) -> bool:
         return self.task_type == REGRESSION
 
-    @property
-    def num_outputs(self) -> int:
-        return 1 if self.regression else len(self.label_names)
-
 
 @dataclass
 class ImportedClassifier:
@@ -104,7 +100,7 @@ def load_classifier(info: ClassifierInfo, use_lte: bool, pooling: str) -> Import
     if missing or unexpected:
         raise ValueError(f"--from-classifier {info.source}: encoder mismatch: missing {missing}, "
                          f"unexpected {unexpected}")
-    model = EarlyExitModel(encoder, info.num_outputs, use_lte, pooling, classifier_activation(info.family))
+    model = EarlyExitModel(encoder, len(info.label_names) or 1, use_lte, pooling, classifier_activation(info.family))
     final = model.heads[-1]
     for layer, name in ((final.pooler, pooler_name), (final.classifier, out_name)):
         layer.load_state_dict({"weight": state[f"{name}.weight"], "bias": state[f"{name}.bias"]})

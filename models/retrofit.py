@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,41 +27,30 @@ from transformers import PreTrainedModel, set_seed
 
 from exitserve.models.calibration import calibrate
 from exitserve.models.checkpoint import Checkpoint, ExitConfig, load_checkpoint, save_checkpoint
-from exitserve.models.data import DEFAULT_DATA, ColumnOptions, Examples, load_examples, load_texts
+from exitserve.models.data import Examples, load_examples, load_texts
 from exitserve.models.encoding import collate, encode
 from exitserve.models.feature_cache import CachedFeatures, cache_features
-from exitserve.models.head_training import HeadTrainingOptions, train_exit_heads
+from exitserve.models.head_training import train_exit_heads
 from exitserve.models.hf_classifier import ClassifierInfo, load_classifier, read_classifier
 from exitserve.models.inference import length_batches
 from exitserve.models.tasks import TaskSpec
-from exitserve.models.training import dev_layer_scores, exit_rule
+from exitserve.models.training import RunOptions, dev_layer_scores, exit_rule
 
 CHECK_SAMPLES = 1000  # texts the final exit is checked on when the data has no dev split
 REGRESSION_TOLERANCE = 1e-5  # two regression outputs this close count as the same answer
 
 
 @dataclass
-class RetrofitOptions:
-    classifier: str  # a local directory or a Hugging Face hub id
-    data: str = DEFAULT_DATA
-    output: str = "runs/retrofit"
+class RetrofitOptions(RunOptions):
+    """A fine-tune's options (the epochs etc. are the exit heads', over the cache) and the classifier."""
+
+    classifier: str = ""  # a local directory or a Hugging Face hub id
     distill: bool = False  # train on the classifier's soft outputs instead of labels
+    min_relative_score: float = 0.99  # calibration target on the dev split
+    output: str = "runs/retrofit"
     epochs: int = 3
     batch_size: int = 128
     learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    max_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 42
-    pooling: str = "mean"
-    lte: bool | None = None  # None: on for regression
-    criterion: str | None = None  # None: lte for regression, max-prob for classification
-    default_threshold: float = 0.9  # kept when there is no dev split to calibrate on
-    min_relative_score: float = 0.99
-    fp16_weights: bool = False
-    columns: ColumnOptions = field(default_factory=ColumnOptions)
 
 
 def retrofit(options: RetrofitOptions) -> Path:
@@ -81,12 +70,8 @@ def retrofit(options: RetrofitOptions) -> Path:
         cache = cache_features(model, samples, tokenizer.pad_token_id, work)
         cache_seconds = time.perf_counter() - started
         dataset = CachedFeatures(cache, None if options.distill else train_rows.labels, info.regression)
-        head_options = HeadTrainingOptions(
-            options.epochs, options.batch_size, options.learning_rate, options.weight_decay, options.warmup,
-            options.seed,
-        )
         started = time.perf_counter()
-        steps = train_exit_heads(model, dataset, head_options, work)
+        steps = train_exit_heads(model, dataset, options, work)
         head_seconds = time.perf_counter() - started
 
     exit_config = ExitConfig(

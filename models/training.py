@@ -32,11 +32,12 @@ from exitserve.models.strategies import MULTI_EPOCH, STRATEGIES, objective_loss,
 
 
 @dataclass
-class TrainOptions:
-    backbone: str = "minilm-l6"
+class RunOptions:
+    """What every way of making a checkpoint takes: a fine-tune (`TrainOptions`) or a retrofit of a
+    fine-tuned classifier (`models.retrofit.RetrofitOptions`)."""
+
     data: str = DEFAULT_DATA
     output: str = "runs/model"
-    strategy: str = "alternating"
     epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -52,6 +53,32 @@ class TrainOptions:
     default_threshold: float = 0.9
     fp16_weights: bool = False
     columns: ColumnOptions = field(default_factory=ColumnOptions)
+
+
+@dataclass
+class TrainOptions(RunOptions):
+    backbone: str = "minilm-l6"
+    strategy: str = "alternating"
+
+
+def trainer_arguments(options: RunOptions, output_dir: str | Path, **extra) -> TrainingArguments:
+    """The Trainer's arguments from `options` (no checkpoints on the way, no reporting services)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=options.batch_size,
+        num_train_epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        seed=options.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        **extra,
+    )
 
 
 class TextDataset(Dataset):
@@ -147,22 +174,7 @@ def train(options: TrainOptions) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
     model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
     samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
-    args = TrainingArguments(
-        output_dir=str(Path(options.output) / "trainer"),
-        per_device_train_batch_size=options.batch_size,
-        num_train_epochs=options.epochs,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
-        warmup_steps=options.warmup,
-        train_sampling_strategy="group_by_length",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=50,
-        seed=options.seed,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        label_names=["labels"],
-    )
+    args = trainer_arguments(options, Path(options.output) / "trainer", train_sampling_strategy="group_by_length")
     trainer = EarlyExitTrainer(
         model=model,
         args=args,

@@ -8,11 +8,12 @@ import torch
 from exitserve.models.data import load_examples
 from exitserve.models.encoding import collate, encode
 from exitserve.models.feature_cache import CachedFeatures, cache_features
-from exitserve.models.head_training import ExitHeadStack, HeadTrainingOptions, train_exit_heads
+from exitserve.models.head_training import ExitHeadStack, train_exit_heads
+from exitserve.models.training import RunOptions
 from tests.conftest import GLUE, make_model
 from tests.models.test_training import changed, groups
 
-OPTIONS = HeadTrainingOptions(epochs=2, batch_size=8, learning_rate=1e-3, weight_decay=0.01, warmup=0.0, seed=0)
+OPTIONS = RunOptions(epochs=2, batch_size=8, learning_rate=1e-3, warmup=0.0, seed=0)
 
 
 def test_cached_features_give_the_live_exit_outputs(tokenizer, tmp_path, sst2_texts):
