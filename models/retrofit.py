@@ -73,6 +73,7 @@ def retrofit(options: RetrofitOptions) -> Path:
         started = time.perf_counter()
         steps = train_exit_heads(model, dataset, options, work)
         head_seconds = time.perf_counter() - started
+        del cache, dataset  # release the memmaps before their directory goes
 
     exit_config = ExitConfig(
         task=spec.name, task_type=info.task_type, metric=spec.metric, label_names=list(info.label_names),
@@ -109,10 +110,11 @@ def load_data(options: RetrofitOptions, info: ClassifierInfo) -> tuple[TaskSpec,
             raise ValueError(f"--data {options.data} is unlabelled text: add --distill to train the exits on "
                              "the classifier's own outputs")
         rows = load_texts(options.data).subset(options.max_train_samples, options.seed)
-        metric = "spearman" if info.regression else "accuracy"
-        pair = "text_pair" if rows.pairs is not None else None
-        return TaskSpec(Path(options.data).stem, info.task_type, metric, "text", pair, label_names=info.label_names), \
-            rows, None
+        spec = TaskSpec(
+            Path(options.data).stem, info.task_type, "spearman" if info.regression else "accuracy", "text",
+            "text_pair" if rows.pairs is not None else None, label_names=info.label_names,
+        )
+        return spec, rows, None
     if options.columns.task_type not in (None, info.task_type):
         raise ValueError(f"--task-type {options.columns.task_type}, but the classifier is a {info.task_type} model")
     columns = replace(options.columns, task_type=info.task_type)
