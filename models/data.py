@@ -18,10 +18,10 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec, glue_task
+from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec, align_labels, glue_task
 
 # Quirks of the GLUE TSV files, per task: renamed columns, or the columns of a headerless file.
 GLUE_RENAME = {
@@ -100,7 +100,7 @@ def _glue_file(directory: Path, split: str) -> Path:
     raise FileNotFoundError(f"no {split} split (e.g. {split}.tsv) in {directory}")
 
 
-def _looks_local(data: str) -> bool:
+def looks_local(data: str) -> bool:
     """A path the user meant as a local file or directory (a hub name is `name` or `owner/name`)."""
     return (
         data.startswith(("/", ".", "~"))
@@ -122,9 +122,7 @@ def _hub_rows(name: str, split: str) -> list[dict]:
     return list(datasets.load_dataset(path, config, split=hf_split))
 
 
-def _spec_for(
-    name: str, rows: list[dict], options: ColumnOptions, label_names: tuple[str, ...] | None
-) -> TaskSpec:
+def _spec_for(name: str, rows: list[dict], options: ColumnOptions) -> TaskSpec:
     glue = glue_task(name)
     if glue is not None:
         return glue
@@ -137,7 +135,7 @@ def _spec_for(
     task_type = options.task_type
     if task_type is None:
         task_type = REGRESSION if any(_is_fractional(v) for v in raw) else CLASSIFICATION
-    names = label_names or (tuple(sorted(set(raw))) if task_type == CLASSIFICATION else ())
+    names = tuple(sorted(set(raw))) if task_type == CLASSIFICATION else ()
     metric = "accuracy" if task_type == CLASSIFICATION else "spearman"
     return TaskSpec(
         Path(name).stem, task_type, metric, options.text_column, options.pair_column,
@@ -171,27 +169,32 @@ def load_examples(
         rows_name = glue.name if glue else path.name
     elif path.is_file():
         rows, rows_name = _read_file(path), path.name
-    elif _looks_local(data):
+    elif looks_local(data):
         raise FileNotFoundError(f"--data {data}: no such file or directory")
     else:
         rows, rows_name = _hub_rows(data, split), data
-    spec = _spec_for(rows_name, rows, options, label_names)
-    if label_names and not spec.is_regression and tuple(label_names) != spec.label_names:
-        spec = replace(spec, label_names=tuple(label_names))
+    spec = _spec_for(rows_name, rows, options)
+    if label_names and not spec.is_regression:
+        spec = align_labels(spec, label_names, (str(r[spec.label_column]) for r in _labelled(spec, rows)))
     return spec, _examples(spec, rows)
+
+
+def _labelled(spec: TaskSpec, rows: list[dict]) -> list[dict]:
+    """The rows with a text and a label (hub test splits, for one, carry -1 or nothing)."""
+    return [
+        row for row in rows
+        if row.get(spec.text_column) is not None and str(row.get(spec.label_column, "")) not in ("", "-1", "None")
+    ]
 
 
 def _examples(spec: TaskSpec, rows: list[dict]) -> Examples:
     texts, pairs, labels = [], [], []
-    for row in rows:
-        text = row.get(spec.text_column)
-        raw = row.get(spec.label_column)
-        if text is None or raw is None or str(raw) in ("", "-1"):
-            continue  # unlabelled rows (e.g. hub test splits)
-        texts.append(str(text))
+    for row in _labelled(spec, rows):
+        texts.append(str(row[spec.text_column]))
         if spec.pair_column:
             pairs.append(str(row.get(spec.pair_column) or ""))
-        labels.append(float(raw) if spec.is_regression else spec.label_id(str(raw)))
+        raw = str(row[spec.label_column])
+        labels.append(float(raw) if spec.is_regression else spec.label_id(raw))
     return Examples(texts, pairs if spec.pair_column else None, labels)
 
 

@@ -9,7 +9,9 @@
 - `ExitHead` (one per layer): pooling, pooler (dense + tanh, initialised from the backbone's
   pretrained pooler when it has one), dropout, linear -> C logits (1 for regression).
   The final classifier (exit L) pools the first token: exactly the stock Hugging Face
-  `*ForSequenceClassification` head, so a trained model exports to one (models/export.py).
+  `*ForSequenceClassification` head, so a trained model exports to one (models/export.py), and a
+  stock classifier imports as one (models/hf_classifier.py). Its activation is the family's:
+  tanh, or relu for DistilBERT (`final_activation`, stored in the checkpoint).
   Early exits 1..L-1 pool the masked mean of the real tokens by default (`pooling="cls"` gives the
   BERxiT reference code's first-token pooling): on sentence-embedding backbones the first token is
   useless early on -- in all-MiniLM-L6-v2 (trained with mean pooling) its state at layers 1-3 is
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from exitserve.models.backbones import AttentionInputs, LayerStepper, resolve_backbone
+from exitserve.models.backbones import AttentionInputs, LayerStepper, classifier_activation, resolve_backbone
 
 
 @dataclass
@@ -43,30 +45,55 @@ class AllExits:
 
 
 POOLINGS = ("mean", "cls")
+# The final exit's activation after its dense layer: tanh (BERT's pooler, RoBERTa's and MPNet's
+# classification heads) or relu (DistilBERT's pre_classifier). Early exits always use tanh.
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 class ExitHead(nn.Module):
-    def __init__(self, hidden_size: int, num_outputs: int, dropout: float, pooling: str):
+    """pooling -> dense -> activation -> dropout -> linear. `summarize` (the pooling) and
+    `from_summary` (the rest) are separate so exits can be trained on cached summaries."""
+
+    def __init__(
+        self, hidden_size: int, num_outputs: int, dropout: float, pooling: str, activation: str = "tanh"
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         self.pooling = pooling
+        self.activation = activation
         self.pooler = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_outputs)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def summarize(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What this exit reads of a layer's output: `[B, H]`."""
         if self.pooling == "cls":
-            summary = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            summary = (hidden * mask).sum(1) / mask.sum(1)
-        pooled = torch.tanh(self.pooler(summary))
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    def from_summary(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, C]` and the pooled state `[B, H]` (what the LTE module reads)."""
+        pooled = ACTIVATIONS[self.activation](self.pooler(summary))
         return self.classifier(self.dropout(pooled)), pooled
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.from_summary(self.summarize(hidden, attention_mask))
+
+
+def lte_confidence(lte: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+    """The LTE module's confidence `[B]` in an exit, from that exit's pooled state."""
+    return torch.sigmoid(lte(pooled)).squeeze(-1)
 
 
 class EarlyExitModel(nn.Module):
-    def __init__(self, encoder: nn.Module, num_outputs: int, use_lte: bool, pooling: str = "mean"):
+    def __init__(
+        self, encoder: nn.Module, num_outputs: int, use_lte: bool, pooling: str = "mean",
+        final_activation: str = "tanh",
+    ):
         super().__init__()
         self.encoder = encoder
         self.stepper = LayerStepper(encoder)
@@ -76,9 +103,11 @@ class EarlyExitModel(nn.Module):
         self.num_layers = self.stepper.num_layers
         self.num_outputs = num_outputs
         self.pooling = pooling
+        self.final_activation = final_activation
+        early = self.num_layers - 1
         self.heads = nn.ModuleList(
-            ExitHead(hidden, num_outputs, dropout, pooling if k < self.num_layers - 1 else "cls")
-            for k in range(self.num_layers)
+            [ExitHead(hidden, num_outputs, dropout, pooling) for _ in range(early)]
+            + [ExitHead(hidden, num_outputs, dropout, "cls", final_activation)]
         )
         self.lte = nn.Linear(hidden, 1) if use_lte else None
 
@@ -87,9 +116,10 @@ class EarlyExitModel(nn.Module):
     def from_backbone(
         cls, backbone: str, num_outputs: int, use_lte: bool, pooling: str = "mean"
     ) -> EarlyExitModel:
-        """A fresh model on pretrained weights; exit poolers copy the pretrained pooler if any."""
+        """A fresh model on pretrained weights; exit poolers copy the pretrained pooler if any.
+        The final exit's activation is the family's stock classifier's (so it exports to one)."""
         encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
-        model = cls(encoder, num_outputs, use_lte, pooling)
+        model = cls(encoder, num_outputs, use_lte, pooling, classifier_activation(encoder.config.model_type))
         pretrained = model.stepper.pretrained_pooler()
         if pretrained is not None:
             for head in model.heads:
@@ -98,10 +128,11 @@ class EarlyExitModel(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: PretrainedConfig, num_outputs: int, use_lte: bool, pooling: str = "mean"
+        cls, config: PretrainedConfig, num_outputs: int, use_lte: bool, pooling: str = "mean",
+        final_activation: str = "tanh",
     ) -> EarlyExitModel:
         """An uninitialised model of the given shape (weights are loaded afterwards)."""
-        return cls(AutoModel.from_config(config), num_outputs, use_lte, pooling)
+        return cls(AutoModel.from_config(config), num_outputs, use_lte, pooling, final_activation)
 
     @classmethod
     def backbone_config(cls, backbone: str) -> PretrainedConfig:
@@ -137,7 +168,7 @@ class EarlyExitModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exit `index` (0-based) on layer index+1's output: logits `[B, C]` and LTE conf `[B]`."""
         logits, pooled = self.heads[index](hidden, attention_mask)
-        lte = torch.sigmoid(self.lte(pooled)).squeeze(-1) if self.lte is not None else None
+        lte = lte_confidence(self.lte, pooled) if self.lte is not None else None
         return logits, lte
 
     # ---- every layer at once ------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The final classifier is the standard first-token pooler + linear, so backbone + exit L map exactly
 onto `BertForSequenceClassification` / `RobertaForSequenceClassification` /
-`MPNetForSequenceClassification`. Any peer server (a transformers pipeline, infinity, TEI) can then
+`MPNetForSequenceClassification` / `DistilBertForSequenceClassification` (whose head uses ReLU: the
+checkpoint's final exit must too). `HEADS` is also the map `models/hf_classifier.py` reads a stock
+classifier through. Any peer server (a transformers pipeline, infinity, TEI) can then
 serve the very model exitserve serves, without exits. The export is checked: the exported model's
 logits must equal the checkpoint's final-exit logits on a probe batch.
 """
@@ -14,11 +16,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from exitserve.models.backbones import classifier_activation
 from exitserve.models.checkpoint import Checkpoint
 from exitserve.models.encoding import collate, encode
 
 # family -> (prefix of the encoder in the HF classifier, names of its pooler dense and output layer)
 HEADS = {
+    "distilbert": ("distilbert", "pre_classifier", "classifier"),
     "bert": ("bert", "bert.pooler.dense", "classifier"),
     "roberta": ("roberta", "classifier.dense", "classifier.out_proj"),
     "xlm-roberta": ("roberta", "classifier.dense", "classifier.out_proj"),
@@ -34,6 +38,11 @@ def export_hf(checkpoint: Checkpoint, output: str | Path) -> Path:
     if family not in HEADS:
         raise ValueError(f"no stock HF classifier head matches exitserve's final exit for {family!r}")
     prefix, pooler, out = HEADS[family]
+    if cfg.final_activation != classifier_activation(family):
+        raise ValueError(
+            f"this checkpoint's final exit uses {cfg.final_activation} but the stock {family} classifier head "
+            f"uses {classifier_activation(family)}: it cannot be exported as one"
+        )
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.num_labels = cfg.num_outputs
     config.problem_type = "regression" if cfg.regression else "single_label_classification"

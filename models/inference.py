@@ -87,7 +87,7 @@ def predict_batch(
     return results
 
 
-def _batches(samples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+def length_batches(samples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (less padding); callers restore the input order."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -104,7 +104,7 @@ def predict(
     """Early-exit predictions for any number of samples, in input order; one threshold per layer."""
     per_layer = torch.tensor(thresholds, dtype=torch.float32)
     results: list[Prediction | None] = [None] * len(samples)
-    for idx in _batches(samples, batch_size):
+    for idx in length_batches(samples, batch_size):
         batch = [samples[i] for i in idx]
         rows = predict_batch(backend, criterion, batch, per_layer.expand(len(idx), -1), return_trace)
         for i, result in zip(idx, rows, strict=True):
@@ -116,7 +116,7 @@ def record_all_layers(backend: Backend, samples: Sequence[Encoded], batch_size: 
     """Every exit's output for every sample, in input order: logits `[L, N, C]`, LTE `[L, N]` (or None)."""
     logits = torch.zeros(backend.num_layers, len(samples), backend.num_outputs)
     lte = None
-    for idx in _batches(samples, batch_size):
+    for idx in length_batches(samples, batch_size):
         batch = [samples[i] for i in idx]
         lengths = np.array([len(s) for s in batch])
         hidden, attention = backend.embed(batch), backend.attention(lengths)

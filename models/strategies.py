@@ -45,6 +45,11 @@ them).
 
 Parameters outside a phase's groups get no update at all (not even weight decay or Adam momentum):
 the Trainer drops their gradients (models/training.py); tests check it for every strategy.
+
+Retrofit (`exitserve train --from-classifier`, models/retrofit.py) is not a strategy over the whole
+model: backbone and final exit are a finished classifier, and only exits 1..n-1 (+ LTE) train, on
+cached features. `cached_exits_loss` is its objective: sum_{i<n} L_i (+ J), or with distillation
+sum_{i<n} KD_i (+ J) against the classifier's own output, J's target then being its answer.
 """
 
 from __future__ import annotations
@@ -179,4 +184,19 @@ def objective_loss(
     loss = task_loss(phase.objective, out, labels, regression)
     if out.lte is not None and phase.trains_lte:
         loss = loss + lte_loss(out, labels, regression, lte)
+    return loss
+
+
+def cached_exits_loss(
+    exits: AllExits, final: torch.Tensor, labels: torch.Tensor | None, regression: bool
+) -> torch.Tensor:
+    """Retrofit's objective (module docstring): `exits` holds exits 1..n-1 only; `final` is the fixed
+    final exit's output `[B, C]`; `labels` None means distillation."""
+    if labels is None:
+        labels = answers(final, regression)
+        loss = distill_losses(torch.cat([exits.logits, final[None]]), regression).sum()
+    else:
+        loss = layer_losses(exits.logits, labels, regression).sum()
+    if exits.lte is not None:
+        loss = loss + lte_loss(exits, labels, regression)
     return loss

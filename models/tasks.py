@@ -6,7 +6,8 @@ evaluation maps raw labels to the same ids that training used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -37,6 +38,35 @@ class TaskSpec:
             return self.label_names.index(name)
         except ValueError as exc:
             raise ValueError(f"label {raw!r} is not one of {list(self.label_names)}") from exc
+
+
+def align_labels(spec: TaskSpec, label_names: Sequence[str], raw_values: Iterable[str]) -> TaskSpec:
+    """`spec` with a model's label names, each raw label of the data mapped to one of them by name.
+
+    A raw label (or the name its task gives it, e.g. GLUE SST-2's 0 -> negative) matches a model label
+    of the same name, exactly or else ignoring case (SST-2's negative/positive reach a model's
+    NEGATIVE/POSITIVE); an integer k matches Hugging Face's unnamed default LABEL_k. A raw label that
+    matches nothing is a ValueError naming both sides, raised before any model work.
+    """
+    names = tuple(label_names)
+    folded: dict[str, str] = {}
+    for name in names:
+        folded[name.lower()] = name if name.lower() not in folded else ""  # "": ambiguous
+    mapping = {}
+    for raw in sorted(set(raw_values)):
+        candidates = [raw] + ([spec.raw_labels[raw]] if raw in spec.raw_labels else [])
+        found = next((c for c in candidates if c in names), None)
+        found = found or next((folded[c.lower()] for c in candidates if folded.get(c.lower())), None)
+        if found is None and raw.isdigit() and int(raw) < len(names) and names[int(raw)] == f"LABEL_{raw}":
+            found = names[int(raw)]
+        if found is None:
+            shown = raw if len(candidates) == 1 else f"{raw} ({candidates[1]})"
+            raise ValueError(
+                f"data label {shown!r} matches none of the model's labels {list(names)}: rename the labels "
+                "in the data (by name, case ignored)"
+            )
+        mapping[raw] = found
+    return replace(spec, label_names=names, raw_labels=mapping)
 
 
 def _binary(zero: str, one: str) -> dict[str, str]:

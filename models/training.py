@@ -45,11 +45,12 @@ from exitserve.models.strategies import (
 
 
 @dataclass
-class TrainOptions:
-    backbone: str = "minilm-l6"
+class RunOptions:
+    """What every way of making a checkpoint takes: a fine-tune (`TrainOptions`) or a retrofit of a
+    fine-tuned classifier (`models.retrofit.RetrofitOptions`)."""
+
     data: str = DEFAULT_DATA
     output: str = "runs/model"
-    strategy: str = DEFAULT_STRATEGY
     epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -61,12 +62,38 @@ class TrainOptions:
     seed: int = 42
     pooling: str = "mean"
     lte: bool | None = None  # None: on for regression, off for classification
-    lte_weight: float = 1.0  # J's weight (the reference's: 1)
-    lte_target: str = "label"  # label: 1 - tanh|y_hat - y| (the reference); final: agreement with the last layer
     criterion: str | None = None  # None: lte for regression, max-prob for classification
     default_threshold: float = 0.9
     fp16_weights: bool = False
     columns: ColumnOptions = field(default_factory=ColumnOptions)
+
+
+@dataclass
+class TrainOptions(RunOptions):
+    backbone: str = "minilm-l6"
+    strategy: str = DEFAULT_STRATEGY
+    lte_weight: float = 1.0  # J's weight (the reference's: 1)
+    lte_target: str = "label"  # label: 1 - tanh|y_hat - y| (the reference); final: agreement with the last layer
+
+
+def trainer_arguments(options: RunOptions, output_dir: str | Path, **extra) -> TrainingArguments:
+    """The Trainer's arguments from `options` (no checkpoints on the way, no reporting services)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=options.batch_size,
+        num_train_epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        seed=options.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        **extra,
+    )
 
 
 class TextDataset(Dataset):
@@ -169,6 +196,13 @@ def _check(options: TrainOptions) -> None:
         raise ValueError(f"strategy {options.strategy!r} alternates objectives by epoch: use --epochs >= 2")
 
 
+def exit_rule(regression: bool, lte: bool | None, criterion: str | None) -> tuple[bool, str]:
+    """Whether to train the LTE module and the default criterion: by default LTE for regression,
+    max-prob for classification."""
+    use_lte = regression if lte is None else lte
+    return use_lte, criterion or ("lte" if regression else "max-prob")
+
+
 def train(options: TrainOptions) -> Path:
     """Train, score every exit on the dev split (if there is one), save a checkpoint."""
     _check(options)
@@ -181,17 +215,16 @@ def train(options: TrainOptions) -> Path:
         dev_rows = dev_rows.subset(options.max_eval_samples, options.seed)
     except FileNotFoundError:
         dev_rows = None
-    use_lte = spec.is_regression if options.lte is None else options.lte
-    criterion = options.criterion or ("lte" if spec.is_regression else "max-prob")
+    use_lte, criterion = exit_rule(spec.is_regression, options.lte, options.criterion)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
     model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
     samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
     dataset = TextDataset(samples, train_rows.labels)
     collator = Collator(tokenizer.pad_token_id, spec.is_regression)
+    args = trainer_arguments(options, Path(options.output) / "trainer", train_sampling_strategy="group_by_length")
     started = time.perf_counter()
-    steps = fit(model, _training_arguments(options), dataset, collator, options.strategy, spec.is_regression,
-                lte_loss=lte_loss)
+    steps = fit(model, args, dataset, collator, options.strategy, spec.is_regression, lte_loss=lte_loss)
     elapsed = time.perf_counter() - started
 
     model.eval()
@@ -199,7 +232,7 @@ def train(options: TrainOptions) -> Path:
         task=spec.name, task_type=spec.task_type, metric=spec.metric, label_names=list(spec.label_names),
         num_layers=model.num_layers, backbone=options.backbone, criterion=criterion,
         default_threshold=options.default_threshold, use_lte=use_lte, max_length=options.max_length,
-        pooling=options.pooling,
+        pooling=options.pooling, final_activation=model.final_activation,
         strategy=options.strategy, text_column=spec.text_column, pair_column=spec.pair_column,
         training={
             **{k: v for k, v in asdict(options).items() if k not in ("columns", "output")},
@@ -210,25 +243,6 @@ def train(options: TrainOptions) -> Path:
     if dev_rows is not None and len(dev_rows):
         exit_config.dev_scores = dev_layer_scores(model, tokenizer, exit_config, dev_rows)
     return save_checkpoint(options.output, model, tokenizer, exit_config, fp16=options.fp16_weights)
-
-
-def _training_arguments(options: TrainOptions) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(Path(options.output) / "trainer"),
-        per_device_train_batch_size=options.batch_size,
-        num_train_epochs=options.epochs,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
-        warmup_steps=options.warmup,
-        train_sampling_strategy="group_by_length",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=50,
-        seed=options.seed,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        label_names=["labels"],
-    )
 
 
 def dev_layer_scores(model: EarlyExitModel, tokenizer, exit_config: ExitConfig, rows: Examples) -> dict:

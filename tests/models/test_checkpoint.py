@@ -237,3 +237,27 @@ def test_a_tokenizer_without_the_model_s_special_tokens_is_refused(tmp_path):
     plain.add_special_tokens({"cls_token": "<s>", "sep_token": "</s>"})
     with pytest.raises(CheckpointError, match="does not put <s> and </s> around an input"):
         check_tokenizer(plain, RobertaConfig(vocab_size=len(plain)))
+
+
+def test_relu_final_head_round_trips_and_older_configs_default_to_tanh(tmp_path, tokenizer, sst2_texts):
+    from transformers import BertModel
+
+    from exitserve.models.early_exit import EarlyExitModel
+    from exitserve.models.encoding import collate, encode
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = EarlyExitModel(BertModel(tiny_bert_config()), 2, use_lte=False, final_activation="relu").eval()
+    path = save_checkpoint(tmp_path / "relu", model, tokenizer, make_exit_config(final_activation="relu"))
+    loaded = load_checkpoint(path).model
+    assert [h.activation for h in loaded.heads] == ["tanh"] * 3 + ["relu"]
+    batch = collate(encode(tokenizer, sst2_texts[:8]), tokenizer.pad_token_id)
+    with torch.inference_mode():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    raw = json.loads((path / "exit_config.json").read_text())
+    del raw["final_activation"]  # a checkpoint written before the field existed
+    (path / "exit_config.json").write_text(json.dumps(raw))
+    assert load_checkpoint(path).model.heads[-1].activation == "tanh"
+    edit_json(path / "exit_config.json", final_activation="gelu")
+    with pytest.raises(CheckpointError, match="unknown final_activation 'gelu'"):
+        load_checkpoint(path)

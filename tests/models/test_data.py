@@ -120,3 +120,20 @@ def test_unlabelled_text_files(tmp_path):
         load_texts(str(mixed))
     with pytest.raises(ValueError, match="unlabelled"):
         load_examples(str(single), "dev")
+
+
+@pytest.mark.parametrize("names", [("NEGATIVE", "POSITIVE"), ("LABEL_0", "LABEL_1"), ("negative", "positive")])
+def test_a_models_label_names_are_matched_by_name(names):
+    """SST-2's raw 0/1 (negative/positive) reach a model's labels by name, case ignored, or HF's LABEL_k."""
+    _, plain = load_examples(str(GLUE / "SST-2"), "dev")
+    spec, mapped = load_examples(str(GLUE / "SST-2"), "dev", label_names=names)
+    assert spec.label_names == names and mapped.labels == plain.labels
+
+
+def test_label_names_that_match_nothing_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"data label '1 \(positive\)' matches none of the model's labels \['neg'"):
+        load_examples(str(GLUE / "SST-2"), "dev", label_names=("neg", "negative"))
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\na,2\n")
+    with pytest.raises(ValueError, match=r"data label '2' matches none"):  # only LABEL_k take a bare integer k
+        load_examples(str(f), label_names=("LABEL_0", "LABEL_1"))
