@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import date
 
+from exitserve.models.backends import Backend
 from exitserve.models.checkpoint import Checkpoint, ExitConfig
 from exitserve.models.evaluation import evaluate
 
@@ -28,16 +29,18 @@ def choose_threshold(sweep_rows: list[dict], final_score: float, min_relative_sc
 
 def calibrate(
     checkpoint: Checkpoint, data: str, split: str = "dev", min_relative_score: float = 0.99,
-    max_samples: int | None = None,
+    max_samples: int | None = None, backend: Backend | None = None,
 ) -> ExitConfig:
-    """Calibrate, update the checkpoint's exit config on disk, and return it."""
+    """Calibrate on `backend` (default: the checkpoint's torch model), update the checkpoint's exit config
+    on disk, and return it. A backend whose answers differ from the checkpoint's own (`calibration_key`:
+    quantised weights) gets its threshold under calibration["variants"][key] (ExitConfig.threshold_for);
+    otherwise the default threshold is set."""
     if not 0.0 < min_relative_score <= 1.0:
         raise ValueError("--min-relative-score must lie in (0, 1]")
-    report = evaluate(checkpoint, data, split, max_samples=max_samples, timed_thresholds=())
+    report = evaluate(checkpoint, data, split, max_samples=max_samples, timed_thresholds=(), backend=backend)
     row = choose_threshold(report["sweep"], report["final_layer_score"], min_relative_score)
     cfg = checkpoint.exit_config
-    cfg.default_threshold = row["threshold"]
-    cfg.calibration = {
+    result = {
         "data": data,
         "split": split,
         "samples": report["samples"],
@@ -51,6 +54,16 @@ def calibrate(
         "mean_exit_layer": row["mean_exit_layer"],
         "layers_saved": row["layers_saved"],
         "date": date.today().isoformat(),
+        "backend": report["wall_clock"]["backend"],
+        "quantize": report["wall_clock"]["quantize"],
     }
+    previous = cfg.calibration or {}
+    variants = dict(previous.get("variants") or {})
+    key = backend.calibration_key if backend is not None else None
+    if key is None:
+        cfg.default_threshold = row["threshold"]
+        cfg.calibration = {**result, **({"variants": variants} if variants else {})}
+    else:
+        cfg.calibration = {**previous, "variants": {**variants, key: result}}
     cfg.save(checkpoint.path)
     return cfg

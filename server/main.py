@@ -16,6 +16,7 @@ import threading
 import uvicorn
 
 from exitserve.models.backbones import BackboneError
+from exitserve.models.backends.onnx_store import OnnxStoreError
 from exitserve.models.checkpoint import CheckpointError
 from exitserve.server.app import create_app
 from exitserve.server.service import PredictionService
@@ -52,11 +53,12 @@ def run(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         service = PredictionService.load(settings)
-    except (CheckpointError, BackboneError) as exc:
+    except (CheckpointError, BackboneError, OnnxStoreError, ValueError) as exc:
         print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
         return 2
-    log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s)", settings.checkpoint,
-             service.config.task, service.config.num_layers, service.criterion.name, service.config.default_threshold)
+    log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s) on %s", settings.checkpoint,
+             service.config.task, service.config.num_layers, service.criterion.name, service.default_threshold,
+             service.backend.name + ("" if service.backend.quantize == "none" else f" {service.backend.quantize}"))
     app = create_app(settings, service)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,

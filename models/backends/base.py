@@ -56,6 +56,7 @@ class Backend(ABC):
     # None for the checkpoint's default (torch and fp32 ONNX Runtime agree), a key for a variant whose
     # answers differ (quantised weights).
     calibration_key: str | None = None
+    quantize: str = "none"  # one of QUANTIZATIONS
 
     @abstractmethod
     def embed(self, samples: Sequence[Encoded]) -> Hidden:

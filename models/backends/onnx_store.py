@@ -170,24 +170,46 @@ def _writable(directory: Path) -> bool:
     return True
 
 
+def _build_checked(checkpoint: Checkpoint, source: Source, variant: str, directory: Path, why: str) -> Path:
+    log.info("building the ONNX Runtime graphs (%s) in %s: %s", variant, directory, why)
+    build(checkpoint, source, variant, directory)
+    still = problem(directory, source, variant)
+    if still is not None:
+        raise OnnxStoreError(f"the ONNX graphs just built in {directory} do not check out: {still}")
+    return directory
+
+
+def _nowhere(places: list[Path]) -> OnnxStoreError:
+    return OnnxStoreError(f"no valid ONNX export and neither {' nor '.join(map(str, places))} is writable "
+                          "(set EXITSERVE_CACHE to a writable directory, or use backend=torch)")
+
+
 def ensure_graphs(checkpoint: Checkpoint, quantize: str = "none") -> Path:
-    """A valid graph directory for the checkpoint: found, or built (and logged) where it can be written."""
-    variant = variant_name(quantize)
-    source = Source.of(checkpoint)
+    """A valid graph directory for the checkpoint (what `serve` uses): the first valid one among the
+    checkpoint's and the cache's, else one built (and logged) in the first writable of them."""
+    variant, source = variant_name(quantize), Source.of(checkpoint)
+    places = candidates(checkpoint, source, variant)
     reasons = []
-    for directory in candidates(checkpoint, source, variant):
+    for directory in places:
         why = problem(directory, source, variant)
         if why is None:
             return directory
         reasons.append(f"{directory}: {why}")
-    for directory in candidates(checkpoint, source, variant):
+    for directory in places:
         if _writable(directory):
-            log.info("building the ONNX Runtime graphs (%s) in %s (%s)", variant, directory, "; ".join(reasons))
-            build(checkpoint, source, variant, directory)
+            return _build_checked(checkpoint, source, variant, directory, "; ".join(reasons))
+    raise _nowhere(places)
+
+
+def export_graphs(checkpoint: Checkpoint, quantize: str = "none") -> tuple[Path, bool]:
+    """`exitserve export-onnx`: a valid export in the checkpoint, or in the cache when the checkpoint is
+    not writable; returns where, and whether it was (re)built."""
+    variant, source = variant_name(quantize), Source.of(checkpoint)
+    places = candidates(checkpoint, source, variant)
+    for directory in places:
+        if _writable(directory):
             why = problem(directory, source, variant)
-            if why is not None:
-                raise OnnxStoreError(f"the ONNX graphs just built in {directory} do not check out: {why}")
-            return directory
-    where = " or ".join(str(d) for d in candidates(checkpoint, source, variant))
-    raise OnnxStoreError(f"no valid ONNX export and neither {where} is writable "
-                         "(set EXITSERVE_CACHE to a writable directory, or use backend=torch)")
+            if why is None:
+                return directory, False
+            return _build_checked(checkpoint, source, variant, directory, why), True
+    raise _nowhere(places)
