@@ -151,8 +151,8 @@ class RecordingBackend(Backend):
         return self.inner.attention(lengths)
 
     def layer(self, index, hidden, attention, need_exit=True):
+        self.log.append((index, hidden.shape[0], hidden.shape[1], need_exit))  # on entry: tests can wait for it
         time.sleep(self.delay)
-        self.log.append((index, hidden.shape[0], hidden.shape[1], need_exit))
         if self.fail_width is not None and hidden.shape[1] == self.fail_width:
             raise RuntimeError("boom")
         return self.inner.layer(index, hidden, attention, need_exit)
