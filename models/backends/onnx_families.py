@@ -54,8 +54,9 @@ class EmbeddingWeights:
     token_types: np.ndarray | None  # [T, H]; BERT adds the row of each token's type
     type_zero: np.ndarray | None  # [H]; RoBERTa-style families always add type row 0
     norm: LayerNormWeights
-    position_offset: int | None  # None: positions 0..S-1; else padding_idx (positions count real tokens from it + 1)
-    pad_id: int
+    # None: positions 0..S-1; else the config's padding_idx: positions count the non-padding tokens from
+    # padding_idx + 1, and a padding token sits at padding_idx (RoBERTa, XLM-R, CamemBERT, MPNet)
+    padding_idx: int | None
 
 
 @dataclass
@@ -122,17 +123,15 @@ def _mpnet_layer(block: nn.Module) -> LayerWeights:
                         *_linear(block.intermediate.dense), *_linear(block.output.dense), _ln(block.output.LayerNorm))
 
 
-def _embeddings(family: str, emb: nn.Module, pad_id: int) -> EmbeddingWeights:
+def _embeddings(family: str, emb: nn.Module) -> EmbeddingWeights:
     types = getattr(emb, "token_type_embeddings", None)
-    offset = None if family in ("bert", "distilbert") else int(emb.padding_idx)
     return EmbeddingWeights(
         words=_np(emb.word_embeddings.weight),
         positions=_np(emb.position_embeddings.weight),
         token_types=_np(types.weight) if family == "bert" else None,
         type_zero=_np(types.weight[0]) if types is not None and family != "bert" else None,
         norm=_ln(emb.LayerNorm),
-        position_offset=offset,
-        pad_id=pad_id,
+        padding_idx=None if family in ("bert", "distilbert") else int(emb.padding_idx),
     )
 
 
@@ -154,7 +153,7 @@ def check_exportable(model: EarlyExitModel) -> None:
         raise UnsupportedModel("decoder (causal) configurations are not supported")
 
 
-def model_weights(model: EarlyExitModel, pad_id: int) -> ModelWeights:
+def model_weights(model: EarlyExitModel) -> ModelWeights:
     """The neutral weights of `model` (raises UnsupportedModel, see check_exportable)."""
     check_exportable(model)
     family, encoder, config = model.stepper.family, model.encoder, model.config
@@ -166,6 +165,6 @@ def model_weights(model: EarlyExitModel, pad_id: int) -> ModelWeights:
     relative = _np(encoder.encoder.relative_attention_bias.weight) if family == "mpnet" else None
     return ModelWeights(
         family=family, hidden=hidden, heads=heads, activation=_activation(family, config),
-        embeddings=_embeddings(family, encoder.embeddings, pad_id),
+        embeddings=_embeddings(family, encoder.embeddings),
         layers=[layer_of(block) for block in model.stepper.layers], exits=exits, relative_bias=relative,
     )

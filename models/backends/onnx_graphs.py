@@ -63,16 +63,16 @@ def embeddings_graph(w: EmbeddingWeights) -> onnx.ModelProto:
     g = _Graph("embeddings")
     inputs = [_tensor("input_ids", TensorProto.INT64, ["B", "S"])]
     words = g.op("Gather", [g.const("word_embeddings", w.words), "input_ids"], "words")
-    if w.position_offset is None:  # positions 0..S-1, the same for every row
+    if w.padding_idx is None:  # positions 0..S-1, the same for every row
         width = g.op("Shape", ["input_ids"], "width", start=1, end=2)
         positions = g.op("Slice", [g.const("position_embeddings", w.positions), g.const("zero", np.array([0])), width,
                                    g.const("axis0", np.array([0]))], "positions")
     else:  # RoBERTa-style: real tokens count from padding_idx + 1, padding sits at padding_idx
-        real = g.op("Not", [g.op("Equal", ["input_ids", g.const("pad_id", np.array(w.pad_id))], "is_pad")], "real")
+        real = g.op("Not", [g.op("Equal", ["input_ids", g.const("pad_id", np.array(w.padding_idx))], "is_pad")], "real")
         real = g.op("Cast", [real], "real_int", to=TensorProto.INT64)
         count = g.op("CumSum", [real, g.const("axis", np.array(1))], "count")
         pos_ids = g.op("Add", [g.op("Mul", [count, real], "count_real"),
-                               g.const("offset", np.array(w.position_offset))], "position_ids")
+                               "pad_id"], "position_ids")
         positions = g.op("Gather", [g.const("position_embeddings", w.positions), pos_ids], "positions")
     total = g.op("Add", [words, positions], "words_positions")
     if w.token_types is not None:

@@ -123,7 +123,7 @@ def _quantize(fp32: onnx.ModelProto, target: Path) -> None:
 
 def build(checkpoint: Checkpoint, source: Source, variant: str, target: Path) -> None:
     """Write the graphs and their manifest into `target` (replaced whole, never left half-written)."""
-    weights = model_weights(checkpoint.model, checkpoint.tokenizer.pad_token_id)
+    weights = model_weights(checkpoint.model)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would hide an image's build-time export from its non-root user
