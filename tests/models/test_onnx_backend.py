@@ -112,14 +112,14 @@ def sst2_model(tmp_path_factory):
 def test_real_minilm_on_onnxruntime_answers_as_torch(sst2_model):
     """Fixture SST-2 sentences in padded batches: hidden states close, and the same exit layer and label
     for every sentence at several thresholds, except where a confidence lies within 1e-4 of a threshold."""
-    texts = [line.split("\t")[0] for line in (GLUE / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
+    texts = [line.split("\t")[0] for line in (GLUE / "SST-2" / "dev.tsv").read_text().splitlines()[1:97]]
     samples = encode(sst2_model.tokenizer, texts, max_length=sst2_model.exit_config.max_length)
     ort_backend = create_backend(sst2_model, "onnxruntime")
     pt_backend = create_backend(sst2_model, "torch")
     assert_same_model(ort_backend, pt_backend, samples[:32], atol=2e-4)
     criterion = sst2_model.exit_config.make_criterion()
     confidence = record_all_layers(pt_backend, samples).logits.softmax(-1).amax(-1)  # [L, N]
-    for threshold in (sst2_model.exit_config.default_threshold, 0.6, 0.9, 0.99, 1.0):
+    for threshold in (sst2_model.exit_config.default_threshold, 0.95):
         thresholds = [threshold] * criterion.num_layers
         on_ort = predict(ort_backend, criterion, samples, thresholds, batch_size=16)
         on_pt = predict(pt_backend, criterion, samples, thresholds, batch_size=16)
@@ -127,7 +127,7 @@ def test_real_minilm_on_onnxruntime_answers_as_torch(sst2_model):
         differ = [i for i, (a, b) in enumerate(zip(on_ort, on_pt, strict=True))
                   if (a.exit_layer, a.label_id) != (b.exit_layer, b.label_id)]
         assert all(tie[i] for i in differ), f"threshold {threshold}: rows {differ} differ without a tie"
-        assert len({r.exit_layer for r in on_pt}) >= (1 if threshold == 1.0 else 2)
+        assert len({r.exit_layer for r in on_pt}) >= 2  # a real mix of exits
 
 
 def test_int8_is_opt_in_close_to_fp32_and_calibrated_as_its_own_variant(sst2_model, tmp_path):
