@@ -215,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     from exitserve.models.backends.onnx_store import OnnxStoreError
     from exitserve.models.checkpoint import CheckpointError
 
-    if args.command != "serve":  # serve configures logging itself; elsewhere show exitserve's progress lines
-        handler = logging.StreamHandler()
+    logger = logging.getLogger("exitserve")
+    if args.command != "serve" and not logger.handlers:  # serve configures logging itself; elsewhere show
+        handler = logging.StreamHandler()  # exitserve's progress lines (e.g. building the ONNX graphs)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("exitserve").addHandler(handler)
-        logging.getLogger("exitserve").setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args) or 0
     except (CheckpointError, BackboneError, OnnxStoreError, FileNotFoundError, ValueError) as exc:

@@ -117,8 +117,12 @@ def _quantize(fp32: onnx.ModelProto, target: Path) -> None:
     """Dynamic int8 weights (activations quantised per call): MatMul and the fused Attention."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(fp32, target, op_types_to_quantize=["MatMul", "Attention"], weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops' outputs
+    logging.disable(logging.WARNING)  # the quantiser logs a dozen generic lines per graph to the root logger
+    try:
+        quantize_dynamic(fp32, target, op_types_to_quantize=["MatMul", "Attention"], weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops' outputs
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def build(checkpoint: Checkpoint, source: Source, variant: str, target: Path) -> None:

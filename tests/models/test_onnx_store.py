@@ -108,5 +108,6 @@ def test_export_onnx_command(ckpt_dir, capsys):
     assert "up to date" in capsys.readouterr().out
     assert main(["export-onnx", str(ckpt_dir), "--quantize", "int8"]) == 0
     assert (ckpt_dir / "onnx" / "int8" / MANIFEST).is_file()
+    capsys.readouterr()
     assert main(["export-onnx", str(ckpt_dir / "nope")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
