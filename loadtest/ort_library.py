@@ -93,6 +93,11 @@ def start_up(checkpoint: Checkpoint, workdir: Path) -> dict:
     return {"uncached_s": uncached, "cached_s": seconds_to_ready(linked, workdir / "cache")}
 
 
+def ideal_ratio(whole_ms: float, exits_on_ms: float, mean_exit: float, num_layers: int) -> float:
+    """Exits on's speed over the ideal (L / mean exit layer) x the whole graph's: >= 0.85 is the target."""
+    return (whole_ms * mean_exit / num_layers) / exits_on_ms
+
+
 def accuracy(predictions: list, labels: list) -> float:
     return float(np.mean([p.label_id == int(y) for p, y in zip(predictions, labels, strict=True)]))
 
@@ -142,7 +147,7 @@ def measure(checkpoint_dir: str, data: str, max_samples: int | None, rounds: int
                 "batch_size": batch_size, "ms_per_sample": ms, "mean_exit_layer": mean_exit,
                 "mean_exit_layer_int8": mean_exit_int8, "load_1min": loads,
                 "exits_off_vs_whole": ms["whole"] / ms["exits_off"],
-                "exits_on_vs_ideal": (ms["whole"] * num_layers / mean_exit) / ms["exits_on"],
+                "exits_on_vs_ideal": ideal_ratio(ms["whole"], ms["exits_on"], mean_exit, num_layers),
                 "int8_exits_off_vs_fp32": ms["exits_off"] / ms["int8_exits_off"],
             })
         labels = rows.labels
