@@ -30,7 +30,10 @@ COPY models ./models
 COPY server ./server
 COPY loadtest ./loadtest
 COPY experiments ./experiments
+# The embedded model's ONNX Runtime graphs are built now, into the installed package, so the container
+# starts serving on onnxruntime without building them (the non-root user can read, not write, them).
 RUN pip install --no-cache-dir . \
+    && exitserve export-onnx \
     && useradd --create-home --uid 10001 exitserve
 
 USER 10001

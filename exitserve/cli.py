@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool, texts: bool = Fal
 
 def _columns(args: argparse.Namespace, default_text: str = "text") -> ColumnOptions:
     return ColumnOptions(args.text_column or default_text, args.pair_column, args.label_column, args.task_type)
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="runtime to evaluate on (onnxruntime: the graphs `serve` uses on the CPU, built and "
+                   "cached on first use; see export-onnx)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="onnxruntime weights: none (fp32) or int8 (dynamic quantisation)")
+
+
+def _backend(args: argparse.Namespace, checkpoint):
+    from exitserve.models.backends import create_backend
+
+    return create_backend(checkpoint, args.backend, args.quantize)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-rows", action="store_true",
                    help="also report on the rows the checkpoint's threshold was calibrated on (by default, when "
                    "its calibration record names this data, those rows are left out); the report says so")
+    _add_backend_args(p)
 
     p = sub.add_parser("calibrate", help="choose and store the default threshold (risk-controlled by default)",
                        description=CALIBRATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,9 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/report split (default 0)")
     p.add_argument("--max-samples", type=int, default=None, help="a random subset of the rows first")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_backend_args(p)
     p = sub.add_parser("export", help="export the final layer as a stock Hugging Face classifier")
     p.add_argument("checkpoint")
     p.add_argument("--output", "-o", required=True)
+
+    p = sub.add_parser("export-onnx", help="write the ONNX Runtime backend's per-layer graphs (what serve runs)",
+                       description="Writes the embeddings and every layer and exit as ONNX graphs with a manifest "
+                       "into CHECKPOINT/onnx/<fp32|int8>, or, when the checkpoint is not writable, into "
+                       "$EXITSERVE_CACHE/onnx/<weights hash>/ (default ~/.cache/exitserve). An up-to-date export "
+                       "is kept; a stale or broken one is rebuilt.")
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamically quantised weights")
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded SST-2 model)")
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (env EXITSERVE_CHECKPOINT)")
@@ -223,7 +248,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
     report = evaluate(ckpt, args.data, args.split, columns, args.criterion, args.max_samples, args.batch_size,
-                      () if args.no_timing else TIMED_THRESHOLDS, include_calibration_rows=args.all_rows)
+                      () if args.no_timing else TIMED_THRESHOLDS, include_calibration_rows=args.all_rows,
+                      backend=_backend(args, ckpt))
     print(format_report(report))
     if args.json:
         for path in write_report(report, Path(args.json)):
@@ -255,8 +281,23 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
     cfg = calibrate(ckpt, args.data, method, args.split, args.calibration_fraction, args.seed, args.max_samples,
-                    columns, args.batch_size)
+                    columns, args.batch_size, _backend(args, ckpt))
     print(json.dumps(cfg.calibration, indent=2))
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from exitserve.models.backends.onnx_families import UnsupportedModel, check_exportable
+    from exitserve.models.backends.onnx_store import export_graphs
+    from exitserve.models.checkpoint import load_checkpoint
+    from exitserve.server.settings import DEFAULT_MODEL
+
+    ckpt = load_checkpoint(args.checkpoint or DEFAULT_MODEL)
+    try:
+        check_exportable(ckpt.model)
+    except UnsupportedModel as exc:
+        raise ValueError(f"{ckpt.path} cannot run on onnxruntime (it is served on torch): {exc}") from exc
+    directory, built = export_graphs(ckpt, args.quantize)
+    print(f"{'wrote' if built else 'up to date:'} {directory}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -287,7 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,
-            "serve": cmd_serve}
+            "export-onnx": cmd_export_onnx, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,11 +342,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     from exitserve.models.backbones import BackboneError
+    from exitserve.models.backends.onnx_store import OnnxStoreError
     from exitserve.models.checkpoint import CheckpointError
 
+    logger = logging.getLogger("exitserve")
+    if args.command != "serve" and not logger.handlers:  # serve configures logging itself; elsewhere show
+        handler = logging.StreamHandler()  # exitserve's progress lines (e.g. building the ONNX graphs)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args) or 0
-    except (CheckpointError, BackboneError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, BackboneError, OnnxStoreError, FileNotFoundError, ValueError) as exc:
         print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

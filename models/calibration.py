@@ -22,7 +22,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from exitserve.models.backends import create_backend
+from exitserve.models.backends import Backend, create_backend
 from exitserve.models.checkpoint import Checkpoint, ExitConfig
 from exitserve.models.data import ColumnOptions, Examples, load_texts
 from exitserve.models.encoding import encode
@@ -186,11 +186,12 @@ def load_rows(checkpoint: Checkpoint, data: str, split_name: str, columns: Colum
 
 
 def record_rows(checkpoint: Checkpoint, examples: Examples, metric: str, criterion_name: str | None = None,
-                batch_size: int = 32) -> Rows:
-    """One recorded pass over `examples`, replayed at every threshold of the sweep grid."""
+                batch_size: int = 32, backend: Backend | None = None) -> Rows:
+    """One recorded pass over `examples` on `backend` (default: the checkpoint's torch model), replayed at
+    every threshold of the sweep grid."""
     cfg = checkpoint.exit_config
     samples = encode(checkpoint.tokenizer, examples.texts, examples.pairs, cfg.max_length)
-    table = exit_table(record_outputs(create_backend(checkpoint), samples, batch_size),
+    table = exit_table(record_outputs(backend or create_backend(checkpoint), samples, batch_size),
                        cfg.make_criterion(criterion_name))
     labels = np.asarray(examples.labels, dtype=float) if examples.labels is not None else None
     return Rows(table, labels, metric)
@@ -206,20 +207,23 @@ def calibrate(
     max_samples: int | None = None,
     columns: ColumnOptions | None = None,
     batch_size: int = 32,
+    backend: Backend | None = None,
 ) -> ExitConfig:
-    """Choose the threshold on a `fraction` of the rows, measure it on the rest, update the
-    checkpoint's exit config on disk, and return it."""
+    """Choose the threshold on a `fraction` of the rows on `backend` (default: the checkpoint's torch
+    model), measure it on the rest, update the checkpoint's exit config on disk, and return it. A backend
+    whose answers differ from the checkpoint's own (`calibration_key`: quantised weights) gets its record
+    under calibration["variants"][key] (ExitConfig.threshold_for); otherwise the default threshold is set."""
+    backend = backend or create_backend(checkpoint)
     metric, examples = load_rows(checkpoint, data, split_name, columns, method.needs_labels)
     picked = selection(examples, max_samples, fraction, seed)
     examples = examples.subset(max_samples, seed=0)
     calibration_idx, report_idx = split_rows(len(examples), fraction, seed)
-    rows = record_rows(checkpoint, examples, metric, batch_size=batch_size)
+    rows = record_rows(checkpoint, examples, metric, batch_size=batch_size, backend=backend)
     chosen, held_out = split(rows, calibration_idx, report_idx)
     choice = method.choose(chosen)
     tolerance = method.settings().get("tolerance")
     cfg = checkpoint.exit_config
-    cfg.default_threshold = choice.threshold
-    cfg.calibration = {
+    result = {
         "method": method.name,
         **method.settings(),
         "criterion": cfg.criterion,
@@ -236,6 +240,15 @@ def calibrate(
         "calibration_rows": measure(chosen, choice.threshold, tolerance),
         "report": measure(held_out, choice.threshold, tolerance) if held_out is not None else None,
         "date": date.today().isoformat(),
+        "backend": backend.name,
+        "quantize": backend.quantize,
     }
+    previous = cfg.calibration or {}
+    variants = dict(previous.get("variants") or {})
+    if backend.calibration_key is None:
+        cfg.default_threshold = choice.threshold
+        cfg.calibration = {**result, **({"variants": variants} if variants else {})}
+    else:
+        cfg.calibration = {**previous, "variants": {**variants, backend.calibration_key: result}}
     cfg.save(checkpoint.path)
     return cfg

@@ -92,6 +92,13 @@ class ExitConfig:
     def thresholds(self, threshold: float | list[float] | None = None) -> list[float]:
         return expand_thresholds(self.default_threshold if threshold is None else threshold, self.num_layers)
 
+    def threshold_for(self, variant: str | None) -> float | list[float]:
+        """The calibrated default for a runtime variant whose answers differ from the checkpoint's own
+        (e.g. `onnxruntime-int8`, stored by `exitserve calibrate` under calibration["variants"]);
+        `default_threshold` when there is none (or `variant` is None)."""
+        stored = ((self.calibration or {}).get("variants") or {}).get(variant) if variant else None
+        return stored["threshold"] if stored else self.default_threshold
+
     def task_spec(self) -> TaskSpec:
         return TaskSpec(
             self.task, self.task_type, self.metric, self.text_column, self.pair_column,

@@ -176,7 +176,8 @@ def evaluate(
         "final_layer_scores": layers[-1]["scores"],
         "per_layer": layers,
         "sweep": sweep(recorded, criterion, spec, rows.labels),
-        "wall_clock": {"batch_size": batch_size, "backend": backend.name, "device": str(backend.device),
+        "wall_clock": {"batch_size": batch_size, "backend": backend.name, "quantize": backend.quantize,
+                       "device": str(backend.device),
                        "torch_threads": torch.get_num_threads(), "runs": timings},
     }
 

@@ -20,6 +20,7 @@ from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
 from exitserve.models.backbones import BackboneError
+from exitserve.models.backends.onnx_store import OnnxStoreError
 from exitserve.models.checkpoint import CheckpointError
 from exitserve.server import allocator
 from exitserve.server.app import create_app
@@ -58,12 +59,13 @@ def run(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         service = PredictionService.load(settings)
-    except (CheckpointError, BackboneError) as exc:
+    except (CheckpointError, BackboneError, OnnxStoreError, ValueError) as exc:
         print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
         return 2
     log.info("allocator: %s", allocator.loaded() or "system malloc")
-    log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s)", settings.checkpoint,
-             service.config.task, service.config.num_layers, service.criterion.name, service.config.default_threshold)
+    log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s) on %s", settings.checkpoint,
+             service.config.task, service.config.num_layers, service.criterion.name, service.default_threshold,
+             service.backend.name + ("" if service.backend.quantize == "none" else f" {service.backend.quantize}"))
     app = create_app(settings, service)
     refused = service.metrics.failures
     config = uvicorn.Config(

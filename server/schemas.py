@@ -62,6 +62,7 @@ class InfoResponse(BaseModel):
     criterion: str
     default_threshold: float | list[float]
     calibration: dict | None
+    backend: dict[str, str | None] = Field(description="runtime: name (onnxruntime | torch), quantize, calibration_key")
     backbone: str
     strategy: str
     max_length: int

@@ -69,7 +69,8 @@ class PredictionService:
         self.criterion = self.config.make_criterion(settings.criterion)
         self.name = checkpoint.path.name
         self.metrics = Metrics(self.name, self.config.num_layers)
-        self.backend = create_backend(checkpoint)
+        self.backend = create_backend(checkpoint, settings.runtime, settings.quantize, settings.ort_threads)
+        self.default_threshold = self.config.threshold_for(self.backend.calibration_key)
         self.scheduler = LayerScheduler(
             self.backend, self.criterion, max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens, max_queue_size=settings.max_queue_size, on_step=self._on_step,
@@ -146,7 +147,7 @@ class PredictionService:
         tokenized = time.monotonic()
         self.metrics.tokenization_duration.labels(self.name).observe(tokenized - start)
 
-        thresholds = self.config.thresholds(threshold)
+        thresholds = self.config.thresholds(self.default_threshold if threshold is None else threshold)
         per_layer = torch.tensor(thresholds, dtype=torch.float32)
         deadline = start + self.settings.request_timeout
         samples = [
@@ -176,7 +177,9 @@ class PredictionService:
         return {
             "model": self.name, "task": cfg.task, "task_type": cfg.task_type, "labels": cfg.label_names,
             "num_layers": cfg.num_layers, "criterion": self.criterion.name,
-            "default_threshold": cfg.default_threshold, "calibration": cfg.calibration,
+            "default_threshold": self.default_threshold, "calibration": cfg.calibration,
+            "backend": {"name": self.backend.name, "quantize": self.backend.quantize,
+                        "calibration_key": self.backend.calibration_key},
             "backbone": cfg.backbone, "strategy": cfg.strategy, "max_length": cfg.max_length,
             "pair_input": self.pair_input,
             "limits": {

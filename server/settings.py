@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
+    backend: Literal["onnxruntime", "torch"] | None = Field(
+        None, description="runtime: onnxruntime (default on the CPU) or torch (default on a GPU)"
+    )
+    quantize: Literal["none", "int8"] = Field("none", description="onnxruntime weights: none (fp32) or int8")
+    ort_threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: one per core)")
     torch_threads: int | None = Field(None, description="intra-op threads (default: torch's choice)")
     criterion: str | None = Field(None, description="override the checkpoint's exit criterion")
     max_batch_size: int = Field(32, ge=1, description="rows per layer step")
@@ -55,3 +60,10 @@ class Settings(BaseSettings):
     warmup: bool = True
     log_level: str = "info"
     access_log: bool = Field(True, description="one log line per request (~10 % of the event loop under overload)")
+
+    @property
+    def runtime(self) -> str:
+        """The backend to serve on: `backend`, or the device's default."""
+        from exitserve.models.backends import default_backend
+
+        return self.backend or default_backend(self.device)

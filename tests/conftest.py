@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny random BERT backbone (fast), the real MiniLM tokenizer, GLUE excerpts."""
+"""Shared fixtures: a tiny random BERT backbone (fast), the real MiniLM tokenizer, GLUE excerpts, and
+every runtime backend over a test model (`backend_name` x `backend_for`)."""
 
 from __future__ import annotations
 
+import hashlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,8 +13,8 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from exitserve.models.backbones import resolve_backbone
-from exitserve.models.backends import TorchBackend
-from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.backends import BACKENDS, Backend, TorchBackend, create_backend
+from exitserve.models.checkpoint import ExitConfig, load_checkpoint, save_checkpoint
 from exitserve.models.early_exit import EarlyExitModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -82,8 +86,6 @@ def sst2_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A saved SST-2-style classifier on the tiny random backbone."""
-    from exitserve.models.checkpoint import save_checkpoint
-
     path = tmp_path_factory.mktemp("ckpt") / "tiny-sst2"
     return save_checkpoint(path, make_model(seed=7), tokenizer, make_exit_config(default_threshold=0.55))
 
@@ -91,8 +93,75 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pair_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A saved STS-B-style pair regressor with the LTE module."""
-    from exitserve.models.checkpoint import save_checkpoint
-
     path = tmp_path_factory.mktemp("ckpt") / "tiny-stsb"
     model = make_model(num_outputs=1, use_lte=True, seed=8)
     return save_checkpoint(path, model, tokenizer, make_exit_config(regression=True, default_threshold=0.5))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request) -> str:
+    """Each runtime backend in turn: tests taking it run on torch and on ONNX Runtime."""
+    return request.param
+
+
+def model_checkpoint(model: EarlyExitModel, directory: Path, tokenizer, **config) -> Path:
+    """Save a test model as a checkpoint (an SST-2-style classifier unless `config` says otherwise)."""
+    config.setdefault("num_layers", model.num_layers)
+    config.setdefault("use_lte", model.lte is not None)
+    if model.num_outputs == 1:
+        config.setdefault("regression", True)
+    return save_checkpoint(directory, model, tokenizer, make_exit_config(**config))
+
+
+@pytest.fixture(scope="session")
+def backend_for(tmp_path_factory, tokenizer) -> Callable[[str, EarlyExitModel], Backend]:
+    """`backend_for(name, model)`: runtime `name`'s backend over `model`. For onnxruntime the model is
+    saved as a checkpoint and its graphs built, once per distinct model in the session."""
+    built: dict[str, Backend] = {}
+
+    def make(name: str, model: EarlyExitModel) -> Backend:
+        if name == "torch":
+            return torch_backend(model)
+        digest = hashlib.sha256(type(model.encoder).__name__.encode())
+        for tensor in model.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        key = digest.hexdigest()[:16]
+        if key not in built:
+            path = model_checkpoint(model, tmp_path_factory.mktemp("onnx-model") / key, tokenizer)
+            built[key] = create_backend(load_checkpoint(path), name)
+        return built[key]
+
+    return make
+
+
+class RecordingBackend(Backend):
+    """Wraps a backend: records every layer call (index, rows, width, need_exit), can sleep in each layer
+    (so interleavings are observable) and fail on batches of one width -- whatever runtime is inside."""
+
+    def __init__(self, inner: Backend, delay: float = 0.0, fail_width: int | None = None):
+        self.inner, self.delay, self.fail_width = inner, delay, fail_width
+        self.name, self.device, self.pad_id = inner.name, inner.device, inner.pad_id
+        self.num_layers, self.num_outputs = inner.num_layers, inner.num_outputs
+        self.log: list[tuple[int, int, int, bool]] = []
+
+    def embed(self, samples):
+        return self.inner.embed(samples)
+
+    def attention(self, lengths):
+        return self.inner.attention(lengths)
+
+    def layer(self, index, hidden, attention, need_exit=True):
+        self.log.append((index, hidden.shape[0], hidden.shape[1], need_exit))  # on entry: tests can wait for it
+        time.sleep(self.delay)
+        if self.fail_width is not None and hidden.shape[1] == self.fail_width:
+            raise RuntimeError("boom")
+        return self.inner.layer(index, hidden, attention, need_exit)
+
+    def select(self, hidden, keep, width):
+        return self.inner.select(hidden, keep, width)
+
+    def rows(self, hidden, lengths):
+        return self.inner.rows(hidden, lengths)
+
+    def stack(self, rows):
+        return self.inner.stack(rows)

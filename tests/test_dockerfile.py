@@ -28,5 +28,7 @@ def test_dockerfile_essentials():
     assert "\nUSER 10001" in text  # non-root
     assert "EXPOSE 8000" in text and "/ready" in text.split("HEALTHCHECK", 1)[1]
     assert 'CMD ["exitserve", "serve"]' in text and "EXITSERVE_HOST=0.0.0.0" in text
+    # the default model's ONNX graphs are built into the image, after the install, before the user switch
+    assert text.index("pip install --no-cache-dir .") < text.index("exitserve export-onnx") < text.index("USER")
     # the allocator is preloaded from the path the image links it to (a wrong path is silently ignored by ld.so)
     assert "ln -s {} /usr/local/lib/libjemalloc.so.2" in text and "LD_PRELOAD=/usr/local/lib/libjemalloc.so.2" in text

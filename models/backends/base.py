@@ -30,6 +30,8 @@ import torch
 
 from exitserve.models.encoding import Encoded
 
+QUANTIZATIONS = ("none", "int8")  # weight formats: none (the checkpoint's fp32), int8 (ONNX Runtime only)
+
 Hidden = Any  # the backend's own array type: `[B, S, H]`
 Row = Any  # one sample's `[len, H]` slice of a `Hidden`
 
@@ -50,6 +52,11 @@ class Backend(ABC):
     num_layers: int
     num_outputs: int
     pad_id: int
+    # Where this backend's calibrated threshold is stored in the checkpoint (ExitConfig.threshold_for):
+    # None for the checkpoint's default (torch and fp32 ONNX Runtime agree), a key for a variant whose
+    # answers differ (quantised weights).
+    calibration_key: str | None = None
+    quantize: str = "none"  # one of QUANTIZATIONS
 
     @abstractmethod
     def embed(self, samples: Sequence[Encoded]) -> Hidden:

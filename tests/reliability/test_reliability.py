@@ -55,7 +55,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
 
 
 class Instrumented:
-    """A loaded service whose model logs how many rows enter layer 1 (`rows`), every layer step
+    """A loaded service whose runtime backend logs how many rows enter layer 1 (`rows`), every layer step
     (`steps`: layer index, rows, padded width) and the inputs in flight at each step (`in_flight`),
     sleeps `delay` per layer and can be held before any layer (the `gate`), so queueing is
     observable."""
@@ -68,21 +68,21 @@ class Instrumented:
         self.in_flight: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
-        model = self.service.scheduler.backend.model
-        embed, run_layer = model.embed, model.run_layer
+        backend = self.service.scheduler.backend  # whichever runtime serves: instrument the seam
+        embed, layer = backend.embed, backend.layer
 
-        def logged_embed(ids, types):
-            self.rows.append(ids.shape[0])
-            return embed(ids, types)
+        def logged_embed(samples):
+            self.rows.append(len(samples))
+            return embed(samples)
 
-        def slow_layer(index, hidden, mask):
+        def slow_layer(index, hidden, attention, need_exit=True):
             self.gate.wait(30)
             time.sleep(delay)
             self.steps.append((index, hidden.shape[0], hidden.shape[1]))
             self.in_flight.append(self.service.scheduler.in_flight + hidden.shape[0])
-            return run_layer(index, hidden, mask)
+            return layer(index, hidden, attention, need_exit)
 
-        model.embed, model.run_layer = logged_embed, slow_layer
+        backend.embed, backend.layer = logged_embed, slow_layer
 
     @contextmanager
     def serving(self) -> Iterator[str]:

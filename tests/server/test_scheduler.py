@@ -9,34 +9,18 @@ import pytest
 import torch
 
 from exitserve.models.criteria import ExitCriterion
-from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import encode
 from exitserve.models.inference import predict
 from exitserve.server.scheduler import DeadlineExceeded, LayerScheduler, QueueFull, Sample
-from tests.conftest import TINY_LAYERS, make_model, torch_backend
+from tests.conftest import TINY_LAYERS, RecordingBackend, make_model
 
 
-class SlowModel(EarlyExitModel):
-    """Sleeps in every layer (so interleavings are observable) and can fail on demand."""
-
-    delay = 0.0
-    fail_length: int | None = None
-    log: list
-
-    def run_layer(self, index, hidden, attention):
-        time.sleep(self.delay)
-        self.log.append((index, hidden.shape[0]))
-        if self.fail_length is not None and hidden.shape[1] == self.fail_length:
-            raise RuntimeError("boom")
-        return super().run_layer(index, hidden, attention)
-
-
-def slow_model(delay=0.0, fail_length=None) -> SlowModel:
-    base = make_model(seed=11)
-    model = SlowModel(base.encoder, 2, use_lte=False)
-    model.load_state_dict(base.state_dict())
-    model.delay, model.fail_length, model.log = delay, fail_length, []
-    return model.eval()
+@pytest.fixture
+def slow(backend_name, backend_for):
+    """`slow(delay, fail_width)`: the seed-11 tiny model on the runtime under test, sleeping `delay` s in
+    every layer and failing on batches `fail_width` tokens wide (a RecordingBackend logs every layer)."""
+    return lambda delay=0.0, fail_width=None: RecordingBackend(backend_for(backend_name, make_model(seed=11)),
+                                                               delay, fail_width)
 
 
 def run(coro):
@@ -53,18 +37,18 @@ def make_samples(encoded, thresholds, deadline_s=30.0):
     ]
 
 
-def scheduler_for(model, **kw) -> LayerScheduler:
-    sched = LayerScheduler(torch_backend(model), ExitCriterion("max-prob", TINY_LAYERS), **kw)
+def scheduler_for(backend, **kw) -> LayerScheduler:
+    sched = LayerScheduler(backend, ExitCriterion("max-prob", TINY_LAYERS), **kw)
     sched.start()
     return sched
 
 
-def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts):
-    model = slow_model()
+def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts, slow):
+    model = slow()
     crit = ExitCriterion("max-prob", TINY_LAYERS)
     encoded = encode(tokenizer, sst2_texts[:60], max_length=64)
     thresholds = [0.5 + 0.01 * (i % 10) for i in range(len(encoded))]  # per-request thresholds
-    backend = torch_backend(model)
+    backend = model.inner
     alone = [predict(backend, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
 
     async def main():
@@ -82,11 +66,11 @@ def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts
     assert len({p.exit_layer for p in alone}) >= 2
     assert [p.exit_layer for p in served] == [p.exit_layer for p in alone]
     assert [p.label_id for p in served] == [p.label_id for p in alone]
-    assert max(b for _, b in model.log) > 1  # rows from different requests were batched
+    assert max(b for _, b, _, _ in model.log) > 1  # rows from different requests were batched
 
 
-def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer):
-    model = slow_model(delay=0.01)
+def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer, slow):
+    model = slow(delay=0.01)
     encoded = encode(tokenizer, ["easy one", "hard one"], max_length=32)
 
     async def main():
@@ -104,8 +88,8 @@ def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer):
     assert easy.finished < hard.finished
 
 
-def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer):
-    model = slow_model(delay=0.05)
+def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer, slow):
+    model = slow(delay=0.05)
     encoded = encode(tokenizer, ["first arrival", "late arrival"], max_length=32)
 
     async def main():
@@ -123,8 +107,8 @@ def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer):
     assert late.started < deep.finished  # late started layer 1 while deep was still running
 
 
-def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts):
-    model = slow_model()
+def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts, slow):
+    model = slow()
     encoded = encode(tokenizer, sst2_texts[:40], max_length=64)
 
     async def main():
@@ -137,13 +121,13 @@ def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts):
 
     model.log.clear()
     results = run(main())
-    assert sum(rows for _, rows in model.log) == sum(r.exit_layer for r in results)
+    assert sum(rows for _, rows, _, _ in model.log) == sum(r.exit_layer for r in results)
     assert len({r.exit_layer for r in results}) >= 2
 
 
-def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(tokenizer):
+def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(tokenizer, slow):
     encoded = encode(tokenizer, ["this one breaks the model badly", "fine"], max_length=32)
-    model = slow_model(fail_length=len(encoded[0]))
+    model = slow(fail_width=len(encoded[0]))
 
     async def main():
         sched = scheduler_for(model)
@@ -160,8 +144,8 @@ def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(to
     assert run(main()).exit_layer == TINY_LAYERS
 
 
-def test_queue_full_and_deadline(tokenizer):
-    model = slow_model(delay=0.2)  # each layer step far outlasts the 50 ms deadline below
+def test_queue_full_and_deadline(tokenizer, slow):
+    model = slow(delay=0.2)  # each layer step far outlasts the 50 ms deadline below
     encoded = encode(tokenizer, ["a", "b", "c"], max_length=16)
 
     async def main():
@@ -182,12 +166,12 @@ def test_queue_full_and_deadline(tokenizer):
     run(main())
 
 
-def test_a_step_is_recorded_before_its_exited_samples_are_answered(tokenizer):
+def test_a_step_is_recorded_before_its_exited_samples_are_answered(tokenizer, slow):
     seen = []  # per exited sample: was it already answered when on_step ran?
     encoded = encode(tokenizer, ["one", "two words", "three more words"], max_length=32)
 
     async def main():
-        sched = LayerScheduler(torch_backend(slow_model()), ExitCriterion("max-prob", TINY_LAYERS),
+        sched = LayerScheduler(slow(), ExitCriterion("max-prob", TINY_LAYERS),
                                on_step=lambda st: seen.extend(s.finished is not None for s in st.exited))
         sched.start()
         samples = make_samples(encoded, [0.0, 1.0, 1.0])  # exits at layer 1, and at the last layer

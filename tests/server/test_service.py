@@ -17,14 +17,14 @@ from tests.conftest import TINY_LAYERS
 )
 def test_warm_up_runs_the_largest_step_through_every_layer(tiny_checkpoint, limits, rows):
     service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, **limits))
-    model = service.scheduler.backend.model
-    steps, run_layer = [], model.run_layer
+    backend = service.scheduler.backend  # the default runtime (onnxruntime on the CPU)
+    steps, layer = [], backend.layer
 
-    def logged(index, hidden, mask):
+    def logged(index, hidden, attention, need_exit=True):
         steps.append((index, *hidden.shape[:2]))
-        return run_layer(index, hidden, mask)
+        return layer(index, hidden, attention, need_exit)
 
-    model.run_layer = logged
+    backend.layer = logged
     asyncio.run(service.start())
     ready = service.ready
     service.stop()

@@ -1,0 +1,219 @@
+"""Where the ONNX Runtime backend's graphs live, and how they are built, checked and (re)built.
+
+    CHECKPOINT/onnx/<variant>/          variant: fp32 | int8
+      manifest.json                     format, variant, the checkpoint's weights and config sha256, the
+                                        exit-config fields the graphs depend on, opset, onnx and
+                                        onnxruntime versions, and every graph file's sha256
+      embeddings.onnx  layer_00.onnx ... exit_00.onnx ...
+
+When the checkpoint directory is not writable the same tree goes to
+`$EXITSERVE_CACHE/onnx/<weights sha256[:16]>/<variant>/` (default cache: ~/.cache/exitserve).
+
+`ensure_graphs` returns a directory whose manifest matches the checkpoint and whose files all hash to
+what the manifest says; anything else (missing, stale, truncated, from another onnxruntime) is
+rebuilt, into a temporary directory renamed into place, so a reader never sees a half-written export.
+When no location is writable it raises `OnnxStoreError` with a one-line reason: a bad export is never
+served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime
+
+from exitserve.models.backbones import cache_dir
+from exitserve.models.backends.base import QUANTIZATIONS
+from exitserve.models.backends.onnx_families import model_weights
+from exitserve.models.backends.onnx_graphs import OPSET, embeddings_graph, exit_graph, layer_graph
+from exitserve.models.checkpoint import WEIGHTS, Checkpoint
+
+log = logging.getLogger("exitserve")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class OnnxStoreError(RuntimeError):
+    """The graphs can be neither found valid nor built; the message says why in one line."""
+
+
+def variant_name(quantize: str) -> str:
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    return "fp32" if quantize == "none" else quantize
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Source:
+    """What the graphs are built from: the checkpoint's files, hashed, and the exit-config fields that matter."""
+
+    weights_sha256: str
+    config_sha256: str
+    exit_config: dict
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> Source:
+        cfg = checkpoint.exit_config
+        fields = {"num_layers": cfg.num_layers, "num_outputs": cfg.num_outputs, "use_lte": cfg.use_lte,
+                  "pooling": cfg.pooling, "final_activation": cfg.final_activation}
+        return cls(_sha256(checkpoint.path / WEIGHTS), _sha256(checkpoint.path / "config.json"), fields)
+
+
+def graph_files(num_layers: int) -> list[str]:
+    return ["embeddings.onnx", *(f"layer_{k:02d}.onnx" for k in range(num_layers)),
+            *(f"exit_{k:02d}.onnx" for k in range(num_layers))]
+
+
+def candidates(checkpoint: Checkpoint, source: Source, variant: str) -> list[Path]:
+    """Where the graphs may live, in the order they are looked for (and built)."""
+    return [checkpoint.path / "onnx" / variant, cache_dir() / "onnx" / source.weights_sha256[:16] / variant]
+
+
+def problem(directory: Path, source: Source, variant: str) -> str | None:
+    """Why `directory` cannot be served (None: it can)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no export"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return "another export format"
+    expected = {"variant": variant, "weights_sha256": source.weights_sha256, "config_sha256": source.config_sha256,
+                "exit_config": source.exit_config, "onnxruntime": onnxruntime.__version__}
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            return f"stale ({key} changed)"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(graph_files(source.exit_config["num_layers"])):
+        return "incomplete file list"
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} is corrupt or truncated"
+    return None
+
+
+def _quantize(fp32: onnx.ModelProto, target: Path) -> None:
+    """Dynamic int8 weights (activations quantised per call): MatMul and the fused Attention."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # the quantiser logs a dozen generic lines per graph to the root logger
+    try:
+        quantize_dynamic(fp32, target, op_types_to_quantize=["MatMul", "Attention"], weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops' outputs
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def build(checkpoint: Checkpoint, source: Source, variant: str, target: Path) -> None:
+    """Write the graphs and their manifest into `target` (replaced whole, never left half-written)."""
+    weights = model_weights(checkpoint.model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    work.chmod(0o755)  # mkdtemp's 0700 would hide an image's build-time export from its non-root user
+    try:
+        onnx.save(embeddings_graph(weights.embeddings), work / "embeddings.onnx")
+        for k, layer in enumerate(weights.layers):
+            graph = layer_graph(layer, weights.heads, weights.activation, weights.relative_bias is not None)
+            if variant == "int8":
+                _quantize(graph, work / f"layer_{k:02d}.onnx")
+            else:
+                onnx.save(graph, work / f"layer_{k:02d}.onnx")
+            onnx.save(exit_graph(weights.exits[k]), work / f"exit_{k:02d}.onnx")  # exits stay fp32: tiny
+        names = graph_files(len(weights.layers))
+        manifest = {
+            "format": FORMAT, "variant": variant, "weights_sha256": source.weights_sha256,
+            "config_sha256": source.config_sha256, "exit_config": source.exit_config, "family": weights.family,
+            "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "files": {name: _sha256(work / name) for name in names},
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}-old-{os.getpid()}")
+            target.rename(old)
+        try:
+            work.rename(target)
+        except OSError:  # another process put its export there first: keep it if it checks out
+            if problem(target, source, variant) is not None:
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".probe-", dir=directory.parent)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
+
+
+def _build_checked(checkpoint: Checkpoint, source: Source, variant: str, directory: Path, why: str) -> Path:
+    log.info("building the ONNX Runtime graphs (%s) in %s: %s", variant, directory, why)
+    build(checkpoint, source, variant, directory)
+    still = problem(directory, source, variant)
+    if still is not None:
+        raise OnnxStoreError(f"the ONNX graphs just built in {directory} do not check out: {still}")
+    return directory
+
+
+def _nowhere(places: list[Path]) -> OnnxStoreError:
+    return OnnxStoreError(f"no valid ONNX export and neither {' nor '.join(map(str, places))} is writable "
+                          "(set EXITSERVE_CACHE to a writable directory, or use backend=torch)")
+
+
+def ensure_graphs(checkpoint: Checkpoint, quantize: str = "none") -> Path:
+    """A valid graph directory for the checkpoint (what `serve` uses): the first valid one among the
+    checkpoint's and the cache's, else one built (and logged) in the first writable of them."""
+    variant, source = variant_name(quantize), Source.of(checkpoint)
+    places = candidates(checkpoint, source, variant)
+    reasons = []
+    for directory in places:
+        why = problem(directory, source, variant)
+        if why is None:
+            return directory
+        reasons.append(f"{directory}: {why}")
+    for directory in places:
+        if _writable(directory):
+            return _build_checked(checkpoint, source, variant, directory, "; ".join(reasons))
+    raise _nowhere(places)
+
+
+def export_graphs(checkpoint: Checkpoint, quantize: str = "none") -> tuple[Path, bool]:
+    """`exitserve export-onnx`: a valid export in the checkpoint, or in the cache when the checkpoint is
+    not writable; returns where, and whether it was (re)built."""
+    variant, source = variant_name(quantize), Source.of(checkpoint)
+    places = candidates(checkpoint, source, variant)
+    for directory in places:
+        if _writable(directory):
+            why = problem(directory, source, variant)
+            if why is None:
+                return directory, False
+            return _build_checked(checkpoint, source, variant, directory, why), True
+    raise _nowhere(places)

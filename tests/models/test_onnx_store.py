@@ -1,0 +1,113 @@
+"""Where the ONNX graphs live: built once, found again, and a broken, stale or truncated export is
+rebuilt (or refused with a one-line reason), never served."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from exitserve.cli import main
+from exitserve.models.backends import create_backend, onnx_store
+from exitserve.models.backends.onnx_store import MANIFEST, OnnxStoreError, ensure_graphs
+from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
+from exitserve.models.encoding import encode
+from exitserve.models.inference import record_all_layers
+from tests.conftest import make_exit_config, make_model
+
+
+@pytest.fixture
+def ckpt_dir(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXITSERVE_CACHE", str(tmp_path / "cache"))
+    directory = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, directory, ignore=shutil.ignore_patterns("onnx"))
+    return directory
+
+
+def final_logits(directory, tokenizer, sst2_texts):
+    ckpt = load_checkpoint(directory)
+    samples = encode(tokenizer, sst2_texts[:16], max_length=64)
+    return (record_all_layers(create_backend(ckpt, "onnxruntime"), samples).logits,
+            record_all_layers(create_backend(ckpt, "torch"), samples).logits)
+
+
+def built(caplog) -> bool:
+    return "building the ONNX Runtime graphs" in caplog.text
+
+
+def test_built_once_into_the_checkpoint_then_found(ckpt_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="exitserve"):
+        assert ensure_graphs(load_checkpoint(ckpt_dir)) == ckpt_dir / "onnx" / "fp32"
+        assert built(caplog) and "no export" in caplog.text
+        caplog.clear()
+        ensure_graphs(load_checkpoint(ckpt_dir))
+    assert not built(caplog)
+    manifest = json.loads((ckpt_dir / "onnx" / "fp32" / MANIFEST).read_text())
+    assert manifest["variant"] == "fp32" and manifest["exit_config"]["num_layers"] == 4
+    assert {"weights_sha256", "config_sha256", "opset", "onnxruntime", "files", "format"} <= set(manifest)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "missing", "manifest"])
+def test_a_broken_export_is_rebuilt_not_served(ckpt_dir, tokenizer, sst2_texts, caplog, damage):
+    ensure_graphs(load_checkpoint(ckpt_dir))
+    graphs = ckpt_dir / "onnx" / "fp32"
+    layer = graphs / "layer_01.onnx"
+    if damage == "truncated":
+        layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
+    elif damage == "corrupt":
+        data = bytearray(layer.read_bytes())
+        data[-100:] = bytes(100)  # same size, different weights: only the hash can tell
+        layer.write_bytes(bytes(data))
+    elif damage == "missing":
+        layer.unlink()
+    else:
+        (graphs / MANIFEST).write_text("{not json")
+    with caplog.at_level(logging.INFO, logger="exitserve"):
+        on_ort, on_torch = final_logits(ckpt_dir, tokenizer, sst2_texts)
+    assert built(caplog)
+    assert (on_ort - on_torch).abs().max() < 1e-4
+
+
+def test_a_stale_export_is_rebuilt_for_the_new_weights(ckpt_dir, tokenizer, sst2_texts, caplog):
+    ensure_graphs(load_checkpoint(ckpt_dir))
+    save_checkpoint(ckpt_dir, make_model(seed=99), tokenizer, make_exit_config(default_threshold=0.55))
+    with caplog.at_level(logging.INFO, logger="exitserve"):
+        on_ort, on_torch = final_logits(ckpt_dir, tokenizer, sst2_texts)
+    assert "stale (weights_sha256 changed)" in caplog.text
+    assert (on_ort - on_torch).abs().max() < 1e-4
+
+
+def test_an_export_from_another_onnxruntime_is_stale(ckpt_dir):
+    ensure_graphs(load_checkpoint(ckpt_dir))
+    path = ckpt_dir / "onnx" / "fp32" / MANIFEST
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "onnxruntime": "0.0.1"}))
+    ckpt = load_checkpoint(ckpt_dir)
+    assert onnx_store.problem(path.parent, onnx_store.Source.of(ckpt), "fp32") == "stale (onnxruntime changed)"
+
+
+def test_a_read_only_checkpoint_uses_the_cache_and_nowhere_writable_is_refused(ckpt_dir, tmp_path, monkeypatch):
+    ckpt = load_checkpoint(ckpt_dir)
+    monkeypatch.setattr(onnx_store, "_writable", lambda d: not d.is_relative_to(ckpt_dir))  # tests run as root
+    directory = ensure_graphs(ckpt)
+    assert directory.is_relative_to(tmp_path / "cache") and (directory / MANIFEST).is_file()
+    assert not (ckpt_dir / "onnx").exists()
+    (directory / "exit_00.onnx").write_bytes(b"broken")
+    monkeypatch.setattr(onnx_store, "_writable", lambda d: False)
+    with pytest.raises(OnnxStoreError, match=r"no valid ONNX export and neither .* is writable") as err:
+        ensure_graphs(ckpt)
+    assert "\n" not in str(err.value)
+
+
+def test_export_onnx_command(ckpt_dir, capsys):
+    assert main(["export-onnx", str(ckpt_dir)]) == 0
+    assert f"wrote {ckpt_dir / 'onnx' / 'fp32'}" in capsys.readouterr().out
+    assert main(["export-onnx", str(ckpt_dir)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["export-onnx", str(ckpt_dir), "--quantize", "int8"]) == 0
+    assert (ckpt_dir / "onnx" / "int8" / MANIFEST).is_file()
+    capsys.readouterr()
+    assert main(["export-onnx", str(ckpt_dir / "nope")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
