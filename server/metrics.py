@@ -1,9 +1,14 @@
-"""Prometheus metrics, one per pipeline stage (seconds as units, TEI's conventions).
+"""Prometheus metrics, one per pipeline stage (seconds as units, TEI's conventions), and the Python
+garbage collector's pauses (a full collection stops every thread of the process: a tail-latency source).
 
 Each app gets its own registry, so several apps (tests, Ray replicas) never collide.
 """
 
 from __future__ import annotations
+
+import gc
+import time
+import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -40,8 +45,11 @@ class Metrics:
         )
         self.queue_size = Gauge("exitserve_queue_size", "Inputs waiting to start", ["model"], registry=r)
         self.failures = Counter("exitserve_request_failures", "Failed requests", ["reason"], registry=r)
+        self.gc_pause = Histogram("exitserve_gc_pause_seconds", "Python garbage-collector pauses", ["generation"],
+                                  buckets=DURATION_BUCKETS, registry=r)
         self._answered = 0
         self._saved = 0
+        gc.callbacks.append(_gc_timer(weakref.ref(self)))  # process-wide; removes itself once this is gone
 
     def _hist(self, name: str, doc: str) -> Histogram:
         return Histogram(name, doc, ["model"], buckets=DURATION_BUCKETS, registry=self.registry)
@@ -54,3 +62,21 @@ class Metrics:
         self.exit_layer.labels(self.model).observe(exit_layer)
         self.layers_saved.labels(self.model).inc(saved)
         self.average_layers_saved.labels(self.model).set(self._saved / self._answered)
+
+
+def _gc_timer(metrics: weakref.ref):
+    """A `gc.callbacks` entry that observes each collection's duration into `metrics().gc_pause` and
+    removes itself once that `Metrics` is gone."""
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        owner = metrics()
+        if owner is None:
+            if callback in gc.callbacks:
+                gc.callbacks.remove(callback)
+        elif phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            owner.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    return callback

@@ -170,7 +170,8 @@ def test_queue_full_and_deadline(tokenizer):
             sched.submit(make_samples(encoded, 1.0))  # 3 > 2: all or nothing
         first = make_samples(encoded[:1], 1.0)
         sched.submit(first)
-        await asyncio.sleep(0.01)  # the worker is busy with `first`'s first layer for 200 ms
+        while first[0].started is None:  # then the worker is busy with `first`'s first layer for 200 ms
+            await asyncio.sleep(0.001)
         expired = make_samples(encoded[1:2], 1.0, deadline_s=0.05)
         sched.submit(expired)
         with pytest.raises(DeadlineExceeded):
