@@ -49,7 +49,9 @@ class Metrics:
                                   buckets=DURATION_BUCKETS, registry=r)
         self._answered = 0
         self._saved = 0
-        gc.callbacks.append(_gc_timer(weakref.ref(self)))  # process-wide; removes itself once this is gone
+        # process-wide: drop the timers of Metrics that are gone (tests build many), then add this one's
+        gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, "owner", lambda: True)() is not None]
+        gc.callbacks.append(_gc_timer(weakref.ref(self)))
 
     def _hist(self, name: str, doc: str) -> Histogram:
         return Histogram(name, doc, ["model"], buckets=DURATION_BUCKETS, registry=self.registry)
@@ -65,18 +67,19 @@ class Metrics:
 
 
 def _gc_timer(metrics: weakref.ref):
-    """A `gc.callbacks` entry that observes each collection's duration into `metrics().gc_pause` and
-    removes itself once that `Metrics` is gone."""
+    """A `gc.callbacks` entry that observes each collection's duration into `metrics().gc_pause` (a no-op
+    once that `Metrics` is gone; the next `Metrics` removes it: removing it from inside a callback would
+    make the collector skip the callback after it)."""
     started = [0.0]
 
     def callback(phase: str, info: dict) -> None:
         owner = metrics()
         if owner is None:
-            if callback in gc.callbacks:
-                gc.callbacks.remove(callback)
-        elif phase == "start":
+            return
+        if phase == "start":
             started[0] = time.perf_counter()
         else:
             owner.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
 
+    callback.owner = metrics
     return callback
