@@ -1,13 +1,13 @@
 """The prediction service: checkpoint + tokenizer + scheduler + metrics, with no HTTP in it.
 
 A request goes: `predict` -> admission (QueueFull unless the queue has room for its inputs, counting
-the inputs still being tokenised, so nothing waits unbounded in front of the queue) -> tokenise in a
-worker thread -> one `Sample` per input submitted to the `LayerScheduler` -> await every sample's
-future (each resolves the moment its input exits) -> results in input order plus per-stage timings.
-The request's deadline runs from its arrival. A small request (at most `INLINE_TOKENIZE_CHARS` characters,
-a few hundred tokens: ~0.1-0.5 ms) is tokenised on the event loop itself: handing it to a thread and
-back costs more than that (two context switches, and more of the loop's own time than the
-tokeniser's), and adds a wait for a free core under load.
+the inputs still being tokenised, so nothing waits unbounded in front of the queue) -> tokenise -> one
+`Sample` per input submitted to the `LayerScheduler` -> await every sample's future (each resolves the
+moment its input exits) -> results in input order plus per-stage timings. The request's deadline runs
+from its arrival. A small request (at most `INLINE_TOKENIZE_CHARS` characters, a few hundred tokens:
+~0.1-0.5 ms) is tokenised on the event loop itself, a larger one in a worker thread: handing a small
+one to a thread and back costs more than tokenising it (two context switches, and more of the loop's
+own time than the tokeniser's), and adds a wait for a free core under load.
 If the request fails or is cancelled (its client went away) while waiting, its other samples are
 cancelled, and the scheduler drops them at the next layer boundary instead of computing them.
 """
