@@ -131,3 +131,15 @@ def test_targets_are_judged_from_the_same_run():
     assert got["overhead at c=1: server p50 − the backend's batch-1 p50"] == (1.6, False)
     assert got["tail: p99 / p50 at 70% of capacity (Poisson)"] == (4.2, True)
     assert throughput_ratio(report["server"]["servers"], EXITS_ON, "infinity-emb (optimum)", 1) is None
+
+
+def test_costs_reports_model_and_gc_costs(tiny_checkpoint, capsys):
+    from exitserve.loadtest.costs import main as costs_main
+
+    costs_main(["--checkpoint", str(tiny_checkpoint), "--data", str(GLUE / "SST-2"), "--sentences", "5",
+                "--requests", "20"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["sentences"] == 5
+    assert all(report["model"][k] > 0 for k in ("stock_forward_ms", "exits_off_ms", "exits_on_ms"))
+    assert report["gc"]["tracked_objects"] > 10_000 and report["gc"]["requests"] == 20
+    assert len(report["gc"]["collections_per_generation"]) == 3
