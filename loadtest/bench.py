@@ -1,19 +1,24 @@
-"""The speed benchmark behind docs/RESULTS.md: one command, ratios measured side by side.
+"""The speed benchmark behind docs/RESULTS.md: one command, every ratio measured side by side.
 
-    python -m exitserve.loadtest.bench library --checkpoint server/default_model --data ../shared/data/glue/SST-2
-    python -m exitserve.loadtest.bench server  --checkpoint server/default_model --data ../shared/data/glue/SST-2 \
-        --concurrency 1,4,16,64 --duration 10 --out docs/results/bench
+    nice python -m exitserve.loadtest.bench all --checkpoint server/default_model --data ../shared/data/glue/SST-2 \\
+        --backend torch --concurrency 1,4,16,64 --duration 10 --infinity /tmp/infinity-venv/bin/infinity_emb \\
+        --out docs/results/bench --name sst2_default
 
-library: wall-clock of the layer-by-layer engine on the dev split at batch 1 and 32, exits on (the
-  calibrated threshold) vs off (threshold 1.0), and that speed-up over the ideal L / mean exit layer.
-server: a closed-loop concurrency sweep against (a) exitserve with exits on, (b) the same exitserve
-  with exits off (threshold 1.0 per request), (c) the peer: the same fine-tuned model exported as a
-  stock HF classifier behind FastAPI + a transformers pipeline, and (d) with --infinity PATH,
-  infinity-emb's /classify on that exported model (install it in its own virtualenv:
-  `python -m venv /tmp/inf && /tmp/inf/bin/pip install torch==2.13.0 'infinity-emb[server,torch]'`,
-  then `--infinity /tmp/inf/bin/infinity_emb`). Servers run one at a time, each started fresh; the
-  load generator shares the 2 cores with the server (see loadtest/loadgen.py).
-Writes `<out>/<name>.json`, `<out>/<name>.md` and PNG plots.
+library: wall-clock of the layer-by-layer engine on `--backend` over the dev split at batch 1 and 32,
+  exits on (the calibrated threshold) vs off (threshold 1.0), against the ideal L / mean exit layer
+  and against the same model run whole on ONNX Runtime (the strongest peer's graph, same batches);
+  and the backend's own batch-1 latency (p50), which the server's overhead is measured against.
+server: a closed-loop concurrency sweep, one server at a time, each started fresh:
+  exitserve exits on and exits off (threshold 1.0 per request) on `--backend` (`--set backend=...`),
+  and, serving the same fine-tuned model exported with `exitserve export`:
+  - the ONNX Runtime whole-model peer (loadtest/peer_ort.py: fused graph, ORT_ENABLE_ALL, FastAPI);
+  - the transformers-pipeline peer (loadtest/peer_pipeline.py: FastAPI + eager PyTorch);
+  - with --infinity PATH, infinity-emb (`--infinity-engine optimum`, the default, or `torch`), installed
+    in its own virtualenv (docs/RESULTS.md has the install line).
+tail: Poisson arrivals at `--tail-fraction` of exitserve's measured capacity (exits on): p50, p99, and
+  the server's per-stage times (loadtest/open_loop.py).
+Writes `<out>/<name>.json`, `<out>/<name>.md` (tables, ratios, the issue's targets met or missed) and
+PNG plots. The load generator shares the machine's cores with the server: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -21,30 +26,75 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
-from datetime import date
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from exitserve.loadtest.bench_report import EXITS_OFF, EXITS_ON, ORT_PEER, PIPELINE_PEER, markdown, plot, targets
 from exitserve.loadtest.loadgen import run_load
-from exitserve.loadtest.servers import exitserve_command, free_port, infinity_command, peer_command, running
-from exitserve.models.backends import create_backend
+from exitserve.loadtest.open_loop import open_loop
+from exitserve.loadtest.servers import (
+    INFINITY_ENGINES,
+    exitserve_command,
+    free_port,
+    infinity_command,
+    ort_peer_command,
+    peer_command,
+    running,
+)
+from exitserve.models.backends import BACKENDS, create_backend
 from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.data import DEFAULT_DATA, load_examples
-from exitserve.models.encoding import encode
+from exitserve.models.encoding import encode, pad_tokens
 from exitserve.models.evaluation import wall_clock
 from exitserve.models.export import export_hf
-from exitserve.models.inference import predict
+from exitserve.models.inference import _batches, predict
 
 
 def machine() -> dict:
-    return {"cpus": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": date.today().isoformat()}
+    """Where and when; the load average says how busy the shared machine was."""
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "date_utc": datetime.now(timezone.utc).isoformat(" ", "seconds"),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+@dataclass
+class Setup:
+    """What every part of a run shares: the model, the data, and how exitserve is started."""
+
+    checkpoint: str
+    data: str
+    backend: str
+    threads: int | None = None
+    settings: list[str] = field(default_factory=list)  # extra exitserve settings, NAME=VALUE
+
+    def exitserve(self, port: int) -> list[str]:
+        threads = [f"torch_threads={self.threads}"] if self.threads else []
+        return exitserve_command(self.checkpoint, port, f"backend={self.backend}", *threads, *self.settings)
+
+
+@dataclass
+class Tail:
+    """The open-loop run: Poisson arrivals at `fraction` of the capacity measured over `measure_seconds`."""
+
+    fraction: float = 0.7
+    seconds: float = 60.0
+    measure_seconds: float = 20.0
+
+    def run(self, base: str, texts: list[str]) -> dict:
+        return asyncio.run(open_loop(base, texts[:200], self.fraction, self.seconds,
+                                     measure_seconds=self.measure_seconds))
 
 
 def sentences(data: str, limit: int | None) -> list[str]:
@@ -52,38 +102,85 @@ def sentences(data: str, limit: int | None) -> list[str]:
     return rows.texts[:limit] if limit else rows.texts
 
 
-def library(checkpoint_dir: str, data: str, max_samples: int | None, threads: int | None = None) -> dict:
+def prepare_models(checkpoint_dir: str, workdir: Path) -> Path:
+    """The checkpoint exported as a stock HF classifier (what every peer serves), with the ONNX
+    Runtime peer's fused graph beside it."""
+    from exitserve.loadtest.peer_ort import build
+
+    hf = export_hf(load_checkpoint(checkpoint_dir), workdir / "hf")
+    build(hf)
+    return hf
+
+
+def whole_graph_seconds(hf_dir: Path, samples: list, batch_size: int, threads: int | None) -> float:
+    """Wall-clock of the fused whole graph over `samples` (already tokenised, the library's batches,
+    the library's padding), best of 2 like `wall_clock`."""
+    from exitserve.loadtest.peer_ort import WholeGraph
+
+    graph = WholeGraph(hf_dir, threads)
+    feeds = []
+    for idx in _batches(samples, batch_size):
+        tokens = pad_tokens([samples[i] for i in idx], graph.tokenizer.pad_token_id)
+        arrays = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+                  "token_type_ids": tokens.token_type_ids}
+        feeds.append({name: arrays[name] for name in graph.inputs})
+    graph.session.run(None, feeds[0])  # warm-up
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        for feed in feeds:
+            graph.session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def library(setup: Setup, max_samples: int | None, hf_dir: Path) -> dict:
+    threads = setup.threads
     if threads:
         torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint_dir)
-    cfg, backend = ckpt.exit_config, create_backend(ckpt)
-    texts = sentences(data, max_samples)
+    ckpt = load_checkpoint(setup.checkpoint)
+    cfg, backend = ckpt.exit_config, create_backend(ckpt, setup.backend)
+    texts = sentences(setup.data, max_samples)
     samples = encode(ckpt.tokenizer, texts, max_length=cfg.max_length)
     criterion = cfg.make_criterion()
     threshold = cfg.thresholds()[0]
     rows = []
     for batch_size in (1, 32):
-        runs = wall_clock(backend, criterion, samples, [threshold, 1.0], batch_size)
-        on, off = runs[0], runs[1]
-        speedup = off["seconds"] / on["seconds"]
+        on, off = wall_clock(backend, criterion, samples, [threshold, 1.0], batch_size)
+        whole = whole_graph_seconds(hf_dir, samples, batch_size, threads)
         ideal = cfg.num_layers / on["mean_exit_layer"]
+        speedup = off["seconds"] / on["seconds"]
         rows.append({"batch_size": batch_size, "threshold": threshold, "exits_on_s": on["seconds"],
-                     "exits_off_s": off["seconds"], "mean_exit_layer": on["mean_exit_layer"],
-                     "speedup": speedup, "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal})
+                     "exits_off_s": off["seconds"], "whole_ort_s": whole, "mean_exit_layer": on["mean_exit_layer"],
+                     "speedup": speedup, "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal,
+                     "exits_off_vs_whole_ort": whole / off["seconds"], "exits_on_vs_whole_ort": whole / on["seconds"]})
     per_sample = []
     for s in tqdm(samples[:200], desc="batch-1 latency", unit="sample"):  # the first 200 inputs
         start = time.perf_counter()
         predict(backend, criterion, [s], cfg.thresholds())
         per_sample.append((time.perf_counter() - start) * 1000)
-    return {"samples": len(samples), "num_layers": cfg.num_layers, "rows": rows,
+    return {"backend": setup.backend, "samples": len(samples), "num_layers": cfg.num_layers, "rows": rows,
             "model_p50_ms_batch1": statistics.median(per_sample)}
 
 
-def server(
-    checkpoint_dir: str, data: str, concurrencies: list[int], duration: float, threads: int | None,
-    infinity: str | None = None,
-) -> dict:
-    texts = sentences(data, None)
+def infinity_dir(hf_dir: Path, engine: str, workdir: Path) -> Path:
+    """What infinity serves: the exported classifier; for `optimum`, a copy holding only the raw ONNX
+    export (infinity picks one ONNX file and optimises it itself, as its users' path does)."""
+    if engine != "optimum":
+        return hf_dir
+    target = workdir / "infinity"
+    target.mkdir(exist_ok=True)
+    for path in hf_dir.iterdir():
+        if path.is_file() and (path.suffix != ".onnx" or path.name == "model.onnx") and path.suffix != ".safetensors":
+            shutil.copy(path, target / path.name)
+    return target
+
+
+def server(setup: Setup, concurrencies: list[int], duration: float, hf_dir: Path, infinity: str | None = None,
+           infinity_engine: str = "optimum", tail_run: Tail | None = None) -> tuple[dict, dict | None]:
+    """The sweep; exits on and off are one exitserve process (exits off asks for threshold 1.0), which
+    then also takes the open-loop run when `tail_run` is given. Returns (sweep, tail result or None)."""
+    texts = sentences(setup.data, None)
 
     def body(threshold: float | None):
         def make(i: int) -> dict:
@@ -99,133 +196,101 @@ def server(
     def exit_layer(resp: dict) -> int | None:
         return resp.get("exit_layer")
 
+    port = free_port()
+    # (command, env, cwd, readiness route, [(name, route, body), ...])
+    servers = [
+        (setup.exitserve(port), {}, None, "/ready", [(EXITS_ON, "/predict", body(None)),
+                                                     (EXITS_OFF, "/predict", body(1.0))]),
+        (*ort_peer_command(hf_dir, port, setup.threads), None, "/ready", [(ORT_PEER, "/predict", body(None))]),
+        (*peer_command(hf_dir, port), None, "/ready", [(PIPELINE_PEER, "/predict", body(None))]),
+    ]
+    if infinity:
+        command = infinity_command(infinity, infinity_dir(hf_dir, infinity_engine, hf_dir.parent), port,
+                                   infinity_engine)
+        servers.append((*command, "/health", [(f"infinity-emb ({infinity_engine})", "/classify", infinity_body)]))
     results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(load_checkpoint(checkpoint_dir), Path(tmp) / "hf")
-        port = free_port()
-        settings = [f"torch_threads={threads}"] if threads else []
-        # (name, command, env, route, readiness route, body)
-        targets = [
-            ("exitserve exits on", exitserve_command(checkpoint_dir, port, *settings), {}, "/predict", "/ready",
-             body(None)),
-            ("exitserve exits off", exitserve_command(checkpoint_dir, port, *settings), {}, "/predict", "/ready",
-             body(1.0)),
-            ("transformers pipeline peer", *peer_command(Path(tmp) / "hf", port), "/predict", "/ready", body(None)),
-        ]
-        if infinity:
-            targets.append(("infinity-emb", infinity_command(infinity, Path(tmp) / "hf", port), {}, "/classify",
-                            "/health", infinity_body))
-        bar = tqdm(total=len(targets) * len(concurrencies), desc="server sweep", unit="point")
-        for name, cmd, env, route, ready_path, make_body in targets:
-            with running(cmd, port, env, threads, ready_path) as base:
+    tail_result = None
+    bar = tqdm(total=sum(len(s[-1]) for s in servers) * len(concurrencies), desc="server sweep", unit="point")
+    for i, (cmd, env, cwd, ready_path, sweeps) in enumerate(servers):
+        with running(cmd, port, env, setup.threads, ready_path, cwd) as base:
+            for name, route, make_body in sweeps:
                 results[name] = []
                 for c in concurrencies:
                     load = asyncio.run(run_load(f"{base}{route}", make_body, c, duration, exit_layer_of=exit_layer))
                     results[name].append(load.summary())
                     bar.update()
-        bar.close()
-    return {"duration_s": duration, "concurrencies": concurrencies, "servers": results}
+            if tail_run is not None and i == 0:  # exitserve
+                tail_result = {"settings": cmd, **tail_run.run(base, texts)}
+    bar.close()
+    sweep = {"backend": setup.backend, "duration_s": duration, "concurrencies": concurrencies, "servers": results}
+    return sweep, tail_result
 
 
-def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}", ""]
-    lib = report.get("library")
-    if lib:
-        lines += ["| batch | threshold | exits on (s) | exits off (s) | mean exit layer | speed-up | ideal "
-                  "| speed-up / ideal |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch_size']} | {r['threshold']} | {r['exits_on_s']:.2f} | {r['exits_off_s']:.2f} | "
-                  f"{r['mean_exit_layer']:.2f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× | "
-                  f"{r['speedup_over_ideal']:.0%} |" for r in lib["rows"]]
-        lines += ["", f"Model's own time per input at batch 1 (p50): {lib['model_p50_ms_batch1']:.2f} ms", ""]
-    srv = report.get("server")
-    if srv:
-        lines += ["| server | concurrency | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | mean exit |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, rows in srv["servers"].items():
-            lines += [f"| {name} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
-                      f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-                      f"{'–' if r['mean_exit_layer'] is None else round(r['mean_exit_layer'], 2)} |"
-                      for r in rows]
-        lines += ["", *ratios(srv["servers"])]
-    if "overhead_ms_c1" in report:
-        lines += ["", f"Overhead at concurrency 1 (exits on p50 minus the model's own batch-1 p50): "
-                      f"{report['overhead_ms_c1']:.2f} ms"]
-    return "\n".join(lines) + "\n"
-
-
-def ratios(servers: dict[str, list[dict]]) -> list[str]:
-    """Throughput of exitserve (exits on) over each other server, per concurrency, from the same run."""
-    ours = servers["exitserve exits on"]
-    lines = ["| exits on vs | " + " | ".join(f"c={r['concurrency']}" for r in ours) + " |",
-             "|---|" + "---|" * len(ours)]
-    for name, rows in servers.items():
-        if name != "exitserve exits on":
-            lines.append(f"| {name} | " + " | ".join(
-                f"{a['throughput_rps'] / b['throughput_rps']:.2f}×" if b["throughput_rps"] else "–"
-                for a, b in zip(ours, rows, strict=True)) + " |")
-    return lines
-
-
-def plot(report: dict, stem: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    srv = report.get("server")
-    if not srv:
-        return []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, rows in srv["servers"].items():
-        conc = [r["concurrency"] for r in rows]
-        axes[0].plot(conc, [r["throughput_rps"] for r in rows], marker="o", label=name)
-        axes[1].plot(conc, [r["p50_ms"] for r in rows], marker="o", label=f"{name} p50")
-        axes[1].plot(conc, [r["p99_ms"] for r in rows], ls=":", marker=".", label=f"{name} p99")
-    axes[0].set(xscale="log", xlabel="concurrency", ylabel="requests / s", title="Throughput")
-    axes[1].set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms", title="Latency")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(f"{stem}_server.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+def tail_only(setup: Setup, tail_run: Tail) -> dict:
+    """exitserve (exits on) under Poisson arrivals at a fraction of its measured capacity."""
+    port = free_port()
+    cmd = setup.exitserve(port)
+    with running(cmd, port, {}, setup.threads) as base:
+        return {"settings": cmd, **tail_run.run(base, sentences(setup.data, None))}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m exitserve.loadtest.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["library", "server", "all"])
+    p.add_argument("what", choices=["library", "server", "tail", "all"])
     p.add_argument("--checkpoint", default="server/default_model")
     p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="exitserve's runtime backend (library run, and the servers' `backend` setting)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (library run and servers)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (library run and servers)")
     p.add_argument("--max-samples", type=int, default=None, help="library: dev subset")
     p.add_argument("--infinity", default=None, help="path of an infinity_emb executable: add it as a peer")
+    p.add_argument("--infinity-engine", choices=INFINITY_ENGINES, default="optimum")
+    p.add_argument("--tail-fraction", type=float, default=0.7, help="tail: offered load / measured capacity")
+    p.add_argument("--tail-seconds", type=float, default=60.0, help="tail: seconds of Poisson arrivals")
+    p.add_argument("--tail-measure-seconds", type=float, default=20.0,
+                   help="tail: seconds of closed-loop load (32 clients) that measure the capacity")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="an extra exitserve setting for the sweep and the tail run (e.g. max_batch_size=8)")
     p.add_argument("--out", default="docs/results/bench")
     p.add_argument("--name", default=None, help="file stem (default: the subcommand)")
     args = p.parse_args(argv)
-    report: dict = {"machine": machine(), "checkpoint": args.checkpoint, "data": args.data}
-    if args.what in ("library", "all"):
-        report["library"] = library(args.checkpoint, args.data, args.max_samples, args.threads)
-    if args.what in ("server", "all"):
-        concurrencies = [int(c) for c in args.concurrency.split(",")]
-        report["server"] = server(args.checkpoint, args.data, concurrencies, args.duration, args.threads,
-                                  args.infinity)
+    setup = Setup(args.checkpoint, args.data, args.backend, args.threads, args.set)
+    tail_run = Tail(args.tail_fraction, args.tail_seconds, args.tail_measure_seconds)
+    report: dict = {"machine": machine(), "checkpoint": args.checkpoint, "data": args.data, "backend": args.backend,
+                    "exitserve_settings": args.set}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = prepare_models(args.checkpoint, Path(tmp)) if args.what in ("library", "server", "all") else None
+        if args.what in ("library", "all"):
+            report["library"] = library(setup, args.max_samples, hf_dir)
+        if args.what in ("server", "all"):
+            concurrencies = [int(c) for c in args.concurrency.split(",")]
+            report["server"], tail_result = server(setup, concurrencies, args.duration, hf_dir, args.infinity,
+                                                   args.infinity_engine, tail_run if args.what == "all" else None)
+            if tail_result is not None:
+                report["tail"] = tail_result
+    if args.what == "tail":
+        report["tail"] = tail_only(setup, tail_run)
     if "library" in report and "server" in report:
-        exits_on_c1 = report["server"]["servers"]["exitserve exits on"][0]
+        exits_on_c1 = report["server"]["servers"][EXITS_ON][0]
         report["overhead_ms_c1"] = exits_on_c1["p50_ms"] - report["library"]["model_p50_ms_batch1"]
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["targets"] = targets(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (args.name or args.what)
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
     Path(f"{stem}.md").write_text(markdown(report))
     for path in [Path(f"{stem}.json"), Path(f"{stem}.md"), *plot(report, stem)]:
         print(f"wrote {path}")
     print(markdown(report))
+
+
+def _plain(value):
+    """JSON for numpy scalars."""
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 if __name__ == "__main__":

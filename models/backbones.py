@@ -149,8 +149,8 @@ class LayerStepper:
             return self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         return self.encoder.embeddings(input_ids=input_ids)
 
-    def attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> AttentionInputs:
-        """The per-batch attention inputs for `hidden` `[B, S, H]` and its `[B, S]` mask."""
+    def attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> AttentionInputs:
+        """The per-batch attention inputs for `hidden` `[B, S, H]` and its `[B, S]` mask (None: no padding)."""
         config = self.encoder.config
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
         bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None

@@ -1,9 +1,14 @@
-"""Prometheus metrics, one per pipeline stage (seconds as units, TEI's conventions).
+"""Prometheus metrics, one per pipeline stage (seconds as units, TEI's conventions), and the Python
+garbage collector's pauses (a full collection stops every thread of the process: a tail-latency source).
 
 Each app gets its own registry, so several apps (tests, Ray replicas) never collide.
 """
 
 from __future__ import annotations
+
+import gc
+import time
+import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -40,8 +45,13 @@ class Metrics:
         )
         self.queue_size = Gauge("exitserve_queue_size", "Inputs waiting to start", ["model"], registry=r)
         self.failures = Counter("exitserve_request_failures", "Failed requests", ["reason"], registry=r)
+        self.gc_pause = Histogram("exitserve_gc_pause_seconds", "Python garbage-collector pauses", ["generation"],
+                                  buckets=DURATION_BUCKETS, registry=r)
         self._answered = 0
         self._saved = 0
+        # process-wide: drop the timers of Metrics that are gone (tests build many), then add this one's
+        gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, "owner", lambda: True)() is not None]
+        gc.callbacks.append(_gc_timer(weakref.ref(self)))
 
     def _hist(self, name: str, doc: str) -> Histogram:
         return Histogram(name, doc, ["model"], buckets=DURATION_BUCKETS, registry=self.registry)
@@ -54,3 +64,22 @@ class Metrics:
         self.exit_layer.labels(self.model).observe(exit_layer)
         self.layers_saved.labels(self.model).inc(saved)
         self.average_layers_saved.labels(self.model).set(self._saved / self._answered)
+
+
+def _gc_timer(metrics: weakref.ref):
+    """A `gc.callbacks` entry that observes each collection's duration into `metrics().gc_pause` (a no-op
+    once that `Metrics` is gone; the next `Metrics` removes it: removing it from inside a callback would
+    make the collector skip the callback after it)."""
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        owner = metrics()
+        if owner is None:
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            owner.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    callback.owner = metrics
+    return callback

@@ -44,7 +44,10 @@ class TorchBackend(Backend):
         width = int(max(lengths))
         mask = torch.from_numpy(attention_mask(lengths, width)).to(self.device)
         shape = torch.empty(len(lengths), width, 0, dtype=self.dtype, device=self.device)  # sizes, dtype, device
-        return TorchAttention(mask, self.model.attention(shape, mask))
+        # no padding (a single row, or rows of one length: most scheduler steps): the layers get no mask,
+        # as Hugging Face's own rule gives them, without its checks and a host sync on the mask
+        padded = int(min(lengths)) < width
+        return TorchAttention(mask, self.model.attention(shape, mask if padded else None))
 
     @torch.inference_mode()
     def layer(
@@ -64,7 +67,12 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def stack(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
+        width = max(len(r) for r in rows)
+        if len(rows) == 1:
+            return rows[0].unsqueeze(0)  # a view: nothing to pad
+        if all(len(r) == width for r in rows):
+            return torch.stack(list(rows))
+        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
         for i, row in enumerate(rows):
             out[i, : len(row)] = row
         return out

@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from exitserve.loadtest.bench import main
+from exitserve.loadtest.bench_report import EXITS_OFF, EXITS_ON, ORT_PEER, PIPELINE_PEER, targets, throughput_ratio
 from exitserve.loadtest.loadgen import run_load
+from exitserve.loadtest.open_loop import histograms, stage_quantiles
 from exitserve.loadtest.servers import exitserve_command, free_port, running
 from tests.conftest import GLUE, TINY_LAYERS
 
@@ -20,27 +22,40 @@ def test_load_generator_targets_loopback_only():
         asyncio.run(run_load("http://10.0.0.1:8000/predict", lambda i: {}, 1, 0.1))
 
 
-def test_bench_all_compares_exits_on_off_and_the_peer(tiny_checkpoint, tmp_path):
+@pytest.mark.timeout(900)
+def test_bench_all_compares_exits_on_off_and_the_peers(tiny_checkpoint, tmp_path):
     main(["all", "--checkpoint", str(tiny_checkpoint), "--data", str(GLUE / "SST-2"), "--concurrency", "1,2",
-          "--duration", "1", "--max-samples", "32", "--threads", "1", "--out", str(tmp_path), "--name", "b"])
+          "--duration", "1", "--max-samples", "32", "--threads", "1", "--tail-seconds", "2",
+          "--tail-measure-seconds", "1", "--out", str(tmp_path), "--name", "b"])
     report = json.loads((tmp_path / "b.json").read_text())
+    assert report["backend"] == "torch" and report["machine"]["load_average_at_end"]
     assert [r["batch_size"] for r in report["library"]["rows"]] == [1, 32]
     for row in report["library"]["rows"]:
         assert row["ideal_speedup"] == pytest.approx(TINY_LAYERS / row["mean_exit_layer"])
+        assert row["exits_off_vs_whole_ort"] == pytest.approx(row["whole_ort_s"] / row["exits_off_s"])
     servers = report["server"]["servers"]
-    assert set(servers) == {"exitserve exits on", "exitserve exits off", "transformers pipeline peer"}
+    assert set(servers) == {EXITS_ON, EXITS_OFF, ORT_PEER, PIPELINE_PEER}
     for rows in servers.values():
         assert [r["concurrency"] for r in rows] == [1, 2]
         assert all(r["ok"] > 0 and r["errors"] == 0 for r in rows)
-    assert all(r["mean_exit_layer"] == TINY_LAYERS for r in servers["exitserve exits off"])
-    assert all(r["mean_exit_layer"] < TINY_LAYERS for r in servers["exitserve exits on"])
+    assert all(r["mean_exit_layer"] == TINY_LAYERS for r in servers[EXITS_OFF])
+    assert all(r["mean_exit_layer"] < TINY_LAYERS for r in servers[EXITS_ON])
     assert "overhead_ms_c1" in report
+    tail = report["tail"]
+    assert tail["sent"] > 0 and tail["wrong_answers"] == 0 and tail["statuses"] == {"200": tail["sent"]}
+    assert tail["p99_over_p50"] == pytest.approx(tail["ok_p99_ms"] / tail["ok_p50_ms"], abs=0.01)
+    assert {"request", "tokenization", "queue", "inference"} <= set(tail["server_stages"])
+    assert 'gc generation="0"' in tail["server_stages"]  # the server's GC pause histogram, read between scrapes
     assert (tmp_path / "b_server.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "b.md").read_text()
     assert "| exitserve exits on | 1 |" in table
-    on, off = servers["exitserve exits on"][0], servers["exitserve exits off"][0]
-    assert f"| exitserve exits off | {on['throughput_rps'] / off['throughput_rps']:.2f}× |" in table
+    on, off = servers[EXITS_ON][0], servers[EXITS_OFF][0]
+    assert f"| {EXITS_ON} / {EXITS_OFF} | {on['throughput_rps'] / off['throughput_rps']:.2f}× |" in table
     assert f"batch-1 p50): {report['overhead_ms_c1']:.2f} ms" in table
+    met = {t["target"]: t["met"] for t in report["targets"]}
+    assert met["server, c=1: exits off vs the ORT peer"] == (
+        off["throughput_rps"] / servers[ORT_PEER][0]["throughput_rps"] >= 0.9)
+    assert any(name.startswith("tail: p99 / p50") for name in met)
 
 
 def test_locustfile_runs_headless_without_failures(tiny_checkpoint, tmp_path):
@@ -67,3 +82,65 @@ def test_http_eval_scores_a_served_model(tiny_checkpoint, tmp_path):
     # the server's gauge counts this run (and its warm-up) and agrees in size with the client's view
     assert 0.0 <= report["server_average_layers_saved"] <= TINY_LAYERS - 1
     assert report["latency_ms_concurrency_1"]["p50"] > 0
+
+
+METRICS_BEFORE = """# TYPE exitserve_queue_duration_seconds histogram
+exitserve_queue_duration_seconds_bucket{le="0.001",model="m"} 5.0
+exitserve_queue_duration_seconds_bucket{le="0.01",model="m"} 8.0
+exitserve_queue_duration_seconds_bucket{le="0.1",model="m"} 10.0
+exitserve_queue_duration_seconds_bucket{le="+Inf",model="m"} 10.0
+exitserve_queue_duration_seconds_count{model="m"} 10.0
+exitserve_queue_duration_seconds_sum{model="m"} 0.1
+"""
+
+
+def test_stage_quantiles_come_from_the_buckets_filled_between_two_scrapes():
+    # 100 more observations: 50 under 1 ms, 49 in (1, 10] ms, 1 in (10, 100] ms
+    after = (METRICS_BEFORE.replace(' 5.0', ' 55.0').replace('"0.01",model="m"} 8.0', '"0.01",model="m"} 107.0')
+             .replace('"0.1",model="m"} 10.0', '"0.1",model="m"} 110.0').replace('"+Inf",model="m"} 10.0',
+                                                                                 '"+Inf",model="m"} 110.0'))
+    buckets = histograms(after)["exitserve_queue_duration_seconds"]
+    assert buckets == [(0.001, 55.0), (0.01, 107.0), (0.1, 110.0), (float("inf"), 110.0)]
+    gc_before = '# TYPE exitserve_gc_pause_seconds histogram\n' + "".join(
+        f'exitserve_gc_pause_seconds_bucket{{generation="2",le="{le}"}} {n}\n' for le, n in (("0.01", 1), ("0.1", 1),
+                                                                                           ("+Inf", 1)))
+    gc_after = gc_before.replace('"0.1"} 1', '"0.1"} 3').replace('"+Inf"} 1', '"+Inf"} 3')
+    stages = stage_quantiles(METRICS_BEFORE + gc_before, after + gc_after)
+    assert stages == {"queue": {"p50_ms_at_most": 1.0, "p99_ms_at_most": 10.0},
+                      'gc generation="2"': {"pauses": 2.0, "longest_ms_at_most": 100.0}}
+    assert stage_quantiles(METRICS_BEFORE, METRICS_BEFORE) == {"queue": {"p50_ms_at_most": None,
+                                                                         "p99_ms_at_most": None}}
+
+
+def _rows(rps: dict[int, float]) -> list[dict]:
+    return [{"concurrency": c, "throughput_rps": r} for c, r in rps.items()]
+
+
+def test_targets_are_judged_from_the_same_run():
+    report = {
+        "server": {"backend": "torch", "servers": {
+            EXITS_ON: _rows({1: 200.0, 16: 300.0}), EXITS_OFF: _rows({1: 80.0, 16: 120.0}),
+            ORT_PEER: _rows({1: 100.0, 16: 160.0}), PIPELINE_PEER: _rows({1: 90.0, 16: 50.0})}},
+        "overhead_ms_c1": 1.6,
+        "tail": {"fraction": 0.7, "p99_over_p50": 4.2},
+    }
+    got = {t["target"]: (t["value"], t["met"]) for t in targets(report)}
+    assert got["server, c=1: exits on vs the ORT peer"] == (2.0, True)
+    assert got["server, c=16: exits on vs the ORT peer"] == (1.875, False)
+    assert got["server, c=1: exits off vs the ORT peer"] == (0.8, False)
+    assert got["server, c=1: exits off (torch) vs the transformers pipeline peer"] == (0.889, False)
+    assert got["overhead at c=1: server p50 − the backend's batch-1 p50"] == (1.6, False)
+    assert got["tail: p99 / p50 at 70% of capacity (Poisson)"] == (4.2, True)
+    assert throughput_ratio(report["server"]["servers"], EXITS_ON, "infinity-emb (optimum)", 1) is None
+
+
+def test_costs_reports_model_and_gc_costs(tiny_checkpoint, capsys):
+    from exitserve.loadtest.costs import main as costs_main
+
+    costs_main(["--checkpoint", str(tiny_checkpoint), "--data", str(GLUE / "SST-2"), "--sentences", "5",
+                "--requests", "20"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["sentences"] == 5
+    assert all(report["model"][k] > 0 for k in ("stock_forward_ms", "exits_off_ms", "exits_on_ms"))
+    assert report["gc"]["tracked_objects"] > 10_000 and report["gc"]["requests"] == 20
+    assert len(report["gc"]["collections_per_generation"]) == 3
