@@ -170,7 +170,8 @@ def create_monitor(settings: Settings, config: ExitConfig, criterion: ExitCriter
             raise ValueError("target_agreement needs a single default threshold; this checkpoint has per-layer ones")
         floor = start if settings.autopilot_floor is None else settings.autopilot_floor
         autopilot = Autopilot(start, floor, settings.target_agreement, settings.autopilot_step,
-                              settings.autopilot_min_samples, settings.autopilot_margin, metrics.autopilot_moved)
+                              settings.autopilot_min_samples, settings.autopilot_margin, settings.audit_window,
+                              metrics.autopilot_moved)
     window = AuditWindow(settings.audit_window, config.num_layers, num_outputs, config.use_lte, config.regression,
                          settings.audit_tolerance)
     return AuditMonitor(settings.audit_rate, window, criterion, metrics, autopilot)

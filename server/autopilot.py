@@ -3,9 +3,11 @@ moving the server's DEFAULT exit threshold (a request's own `threshold` is never
 
 Opt-in (`target_agreement`). It starts from the checkpoint's threshold (so a restart forgets every
 move) and stays within [floor, 1.0], the floor being `autopilot_floor` (default: the checkpoint's
-calibrated threshold). After every finished audit, once at least `autopilot_min_samples` audits
-have finished since the last move (or the start), it judges thresholds by the agreement lower bound
-they would have given on the audit window (`AuditMonitor.bound_at`, a replay of the recorded exits):
+calibrated threshold). It judges only a full audit window (`audit_window` audits: before that the
+bound mostly reflects how few audits there are, and the calibrated threshold stands), and at most
+once per `autopilot_min_samples` finished audits since the last move. A threshold is judged by the
+agreement lower bound it would have given on the window (`AuditMonitor.bound_at`, a replay of the
+recorded exits):
 
   raise   when the bound at the current threshold is below the target: to the lowest of
           t + s/5, t + 2s/5, ..., t + s whose bound reaches the target, else t + s (s =
@@ -45,8 +47,8 @@ class Autopilot:
     """The controller (see the module docstring); `observe` is called once per finished audit."""
 
     def __init__(self, start: float, floor: float, target: float, step: float, min_samples: int, margin: float,
-                 count_move: Callable[[str], None] = lambda direction: None):
-        self.floor, self.target, self.step = floor, target, step
+                 window: int, count_move: Callable[[str], None] = lambda direction: None):
+        self.floor, self.target, self.step, self.window = floor, target, step, window
         self.min_samples, self.margin = min_samples, margin
         self.start = self.threshold = min(1.0, max(floor, start))
         self.since_move = 0
@@ -55,9 +57,9 @@ class Autopilot:
         self._count_move = count_move
 
     def observe(self, bound_at: Callable[[float], float], audits: int) -> Move | None:
-        """One more audit finished: move the threshold if the rules say so."""
+        """One more audit finished (`audits` since start): move the threshold if the rules say so."""
         self.since_move += 1
-        if self.since_move < self.min_samples:
+        if audits < self.window or self.since_move < self.min_samples:
             return None
         t, fine = self.threshold, self.step / FINE_STEPS
         bound = bound_at(t)

@@ -65,42 +65,51 @@ def test_regression_agreement_is_within_the_tolerance():
     assert window.at_threshold(lte_criterion, 0.6) == (2, 2)
 
 
-def autopilot(**kw) -> tuple[Autopilot, list[str]]:
-    counted: list[str] = []
-    args = dict(start=0.6, floor=0.6, target=0.9, step=0.2, min_samples=3, margin=0.02)
-    args.update(kw)
-    return Autopilot(**args, count_move=counted.append), counted
+class Driver:
+    """An autopilot fed audits one at a time; `counted` collects the metric's move counts."""
+
+    def __init__(self, **kw):
+        args = dict(start=0.6, floor=0.6, target=0.9, step=0.2, min_samples=3, margin=0.02, window=5)
+        args.update(kw)
+        self.counted: list[str] = []
+        self.pilot = Autopilot(**args, count_move=self.counted.append)
+        self.audits = 0
+
+    def feed(self, bound_at, audits: int) -> list:
+        """`audits` more audits finished; the moves they caused."""
+        moves = []
+        for _ in range(audits):
+            self.audits += 1
+            moves.append(self.pilot.observe(bound_at, self.audits))
+        return [m for m in moves if m is not None]
 
 
-def feed(pilot: Autopilot, bound_at, audits: int) -> list:
-    return [m for m in (pilot.observe(bound_at, i) for i in range(audits)) if m is not None]
-
-
-def test_autopilot_waits_for_min_samples_then_raises_to_the_lowest_threshold_meeting_the_target():
-    pilot, counted = autopilot()
+def test_autopilot_waits_for_a_full_window_then_raises_to_the_lowest_threshold_meeting_the_target():
+    d = Driver()
     bound_at = lambda t: 0.95 if t >= 0.68 else 0.5  # noqa: E731
-    assert feed(pilot, bound_at, 2) == []
-    moves = feed(pilot, bound_at, 1)
-    assert [(m.old, m.new) for m in moves] == [(0.6, 0.68)]  # 0.64 fails, 0.68 is the first fine step that passes
-    assert moves[0].lower_bound == 0.5 and counted == ["up"] and pilot.since_move == 0
+    assert d.feed(bound_at, 4) == []  # min_samples passed, but the window (5) is not full yet
+    moves = d.feed(bound_at, 1)
+    assert [(m.old, m.new, m.audits) for m in moves] == [(0.6, 0.68, 5)]  # 0.64 fails; 0.68 is the first to pass
+    assert moves[0].lower_bound == 0.5 and d.counted == ["up"] and d.pilot.since_move == 0
+    assert d.feed(lambda t: 0.5, 2) == [] and len(d.feed(lambda t: 0.5, 1)) == 1  # min_samples apart
 
 
 def test_autopilot_raises_in_bounded_steps_and_stops_at_one():
-    pilot, counted = autopilot()
-    moves = feed(pilot, lambda t: 0.5, 30)  # nothing meets the target
+    d = Driver()
+    moves = d.feed(lambda t: 0.5, 30)  # nothing meets the target
     assert [m.new for m in moves] == [0.8, 1.0]  # full steps, capped at 1.0, then no move
-    assert pilot.threshold == 1.0 and counted == ["up", "up"]
+    assert d.pilot.threshold == 1.0 and d.counted == ["up", "up"]
 
 
 def test_autopilot_lowers_slowly_with_hysteresis_and_never_below_the_floor():
-    pilot, counted = autopilot(start=0.9)
-    assert pilot.threshold == 0.9
-    assert feed(pilot, lambda t: 0.91, 10) == []  # bound one step down: within the margin band: hold
-    moves = feed(pilot, lambda t: 0.99, 50)
+    d = Driver(start=0.9)
+    assert d.pilot.threshold == 0.9
+    assert d.feed(lambda t: 0.91, 10) == []  # the bound one step down is within the margin band: hold
+    moves = d.feed(lambda t: 0.99, 50)
     assert [m.new for m in moves] == pytest.approx([0.86, 0.82, 0.78, 0.74, 0.7, 0.66, 0.62, 0.6])
-    assert pilot.threshold == 0.6 and counted.count("down") == 8  # then held at the floor
+    assert d.pilot.threshold == 0.6 and d.counted.count("down") == 8  # then held at the floor
 
 
 def test_autopilot_starts_within_floor_and_one():
-    assert autopilot(start=0.5, floor=0.7)[0].threshold == 0.7
-    assert autopilot(start=0.8, floor=0.3)[0].threshold == 0.8
+    assert Driver(start=0.5, floor=0.7).pilot.threshold == 0.7
+    assert Driver(start=0.8, floor=0.3).pilot.threshold == 0.8
