@@ -55,16 +55,18 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120, ready_pa
 
 @contextmanager
 def running(
-    cmd: list[str], port: int, env: dict | None = None, threads: int | None = None, ready_path: str = "/ready"
+    cmd: list[str], port: int, env: dict | None = None, threads: int | None = None, ready_path: str = "/ready",
+    ready_timeout: float = 120,
 ):
-    """Run a server process until the block ends; yields its base URL once /ready answers 200."""
+    """Run a server process until the block ends; yields its base URL once /ready answers 200 (else
+    TimeoutError after `ready_timeout` seconds)."""
     full_env = {**os.environ, **(env or {})}
     if threads:
         full_env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc, ready_path=ready_path)
+        wait_ready(base, proc, ready_timeout, ready_path)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)

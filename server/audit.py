@@ -27,21 +27,45 @@ from __future__ import annotations
 import math
 import random
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from exitserve.models.answers import answers
+from exitserve.models.backends.base import ExitOutput
 from exitserve.models.checkpoint import ExitConfig
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.early_exit import AllExits
 from exitserve.models.inference import simulate_exits
 from exitserve.server.autopilot import Autopilot
 from exitserve.server.metrics import AuditMetrics
-from exitserve.server.scheduler import AuditReport, AuditTrace
 from exitserve.server.settings import Settings
 
 Z_ONE_SIDED_95 = 1.6448536269514722  # the standard normal's 95th percentile
+
+
+@dataclass(eq=False)
+class AuditTrace:
+    """An audited sample's record: every layer's exit output, and the layer that answered it."""
+
+    exit_layer: int = 0  # 1-based; 0 while the sample is unanswered
+    logits: list[torch.Tensor] = field(default_factory=list)  # one `[C]` row per layer run
+    lte: list[torch.Tensor] = field(default_factory=list)  # one scalar per layer (LTE models only)
+
+    def record(self, out: ExitOutput, row: int) -> None:
+        self.logits.append(out.logits[row])
+        if out.lte is not None:
+            self.lte.append(out.lte[row])
+
+
+@dataclass
+class AuditReport:
+    """What one scheduler step did for audits (the policy: server/scheduler.py)."""
+
+    layers: int = 0  # audit rows x 1 layer run in this step: work beyond the answers
+    completed: list[AuditTrace] = field(default_factory=list)  # audits that reached the last layer
+    dropped: int = 0
 
 
 def wilson_lower_bound(agreed: int, n: int, z: float = Z_ONE_SIDED_95) -> float:

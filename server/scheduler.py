@@ -56,6 +56,7 @@ set of audit groups, only to learn what the full model would have answered:
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -67,10 +68,13 @@ import torch
 
 from exitserve.models.answers import LayerTrace, Prediction, decode
 from exitserve.models.backends import Backend
-from exitserve.models.backends.base import ExitOutput, Row
+from exitserve.models.backends.base import Row
 from exitserve.models.criteria import ExitCriterion, exits_now
 from exitserve.models.encoding import Encoded
 from exitserve.models.inference import needs_exit
+from exitserve.server.audit import AuditReport, AuditTrace
+
+log = logging.getLogger("exitserve")
 
 
 class QueueFull(Exception):
@@ -83,29 +87,6 @@ class DeadlineExceeded(Exception):
 
 class SchedulerStopped(Exception):
     """The scheduler is shut down."""
-
-
-@dataclass(eq=False)
-class AuditTrace:
-    """An audited sample's record: every layer's exit output, and the layer that answered it."""
-
-    exit_layer: int = 0  # 1-based; 0 while the sample is unanswered
-    logits: list[torch.Tensor] = field(default_factory=list)  # one `[C]` row per layer run
-    lte: list[torch.Tensor] = field(default_factory=list)  # one scalar per layer (LTE models only)
-
-    def record(self, out: ExitOutput, row: int) -> None:
-        self.logits.append(out.logits[row])
-        if out.lte is not None:
-            self.lte.append(out.lte[row])
-
-
-@dataclass
-class AuditReport:
-    """What one step did for audits (see the module docstring)."""
-
-    layers: int = 0  # audit rows x 1 layer run in this step: work beyond the answers
-    completed: list[AuditTrace] = field(default_factory=list)  # audits that reached the last layer
-    dropped: int = 0
 
 
 @dataclass(eq=False)
@@ -271,8 +252,12 @@ class LayerScheduler:
         self._report_audits(AuditReport(dropped=len(dropped)))
 
     def _report_audits(self, report: AuditReport) -> None:
-        if self.on_audit is not None and (report.layers or report.completed or report.dropped):
+        if self.on_audit is None or not (report.layers or report.completed or report.dropped):
+            return
+        try:
             self.on_audit(report)
+        except Exception:  # audits are a side measurement: they never fail an answer or the worker
+            log.exception("recording an audit report failed")
 
     def _admit(self) -> None:
         now = time.monotonic()

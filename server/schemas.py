@@ -85,6 +85,7 @@ class AuditInfo(BaseModel):
     tolerance: float | None = Field(..., description="regression: the agreement tolerance")
     audited: int = Field(..., description="audits finished since start")
     dropped: int = Field(..., description="audits dropped since start (overload, shutdown)")
+    pending: int = Field(..., description="answered audits still waiting for idle time to reach the last layer")
     extra_layers: int = Field(..., description="layers audits ran after the answers (not in layers saved)")
     autopilot: AutopilotInfo | None = Field(..., description="null unless target_agreement is set")
 

@@ -23,9 +23,9 @@ from exitserve.models.answers import Prediction
 from exitserve.models.backends import create_backend
 from exitserve.models.checkpoint import Checkpoint, load_checkpoint
 from exitserve.models.encoding import encode
-from exitserve.server.audit import create_monitor
+from exitserve.server.audit import AuditTrace, create_monitor
 from exitserve.server.metrics import Metrics
-from exitserve.server.scheduler import AuditTrace, LayerScheduler, Sample, StepStats
+from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
 from exitserve.server.settings import Settings
 
 WARMUP_TEXT = "warming up"
@@ -185,5 +185,5 @@ class PredictionService:
                 "max_batch_tokens": s.max_batch_tokens, "max_queue_size": s.max_queue_size,
                 "request_timeout": s.request_timeout, "truncate": s.truncate,
             },
-            "audits": self.audits.info(),
+            "audits": {**self.audits.info(), "pending": self.scheduler.audits_pending},
         }

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from exitserve.models.criteria import ExitCriterion
-from exitserve.server.audit import Z_ONE_SIDED_95, AuditWindow, wilson_lower_bound
+from exitserve.server.audit import Z_ONE_SIDED_95, AuditTrace, AuditWindow, wilson_lower_bound
 from exitserve.server.autopilot import Autopilot
-from exitserve.server.scheduler import AuditTrace
 
 
 def test_wilson_bound_closed_forms_and_order():

@@ -11,7 +11,8 @@ from exitserve.models.answers import answers
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.encoding import encode
 from exitserve.models.inference import predict
-from exitserve.server.scheduler import AuditReport, AuditTrace, LayerScheduler, QueueFull
+from exitserve.server.audit import AuditReport, AuditTrace
+from exitserve.server.scheduler import LayerScheduler, QueueFull
 from tests.conftest import TINY_LAYERS, torch_backend
 from tests.server.test_scheduler import make_samples, run, slow_model
 
