@@ -58,7 +58,7 @@ from exitserve.models.data import DEFAULT_DATA, load_examples
 from exitserve.models.encoding import encode, pad_tokens
 from exitserve.models.evaluation import wall_clock
 from exitserve.models.export import export_hf
-from exitserve.models.inference import _batches, predict
+from exitserve.models.inference import length_batches, predict
 
 
 def machine() -> dict:
@@ -119,7 +119,7 @@ def whole_graph_seconds(hf_dir: Path, samples: list, batch_size: int, threads: i
 
     graph = WholeGraph(hf_dir, threads)
     feeds = []
-    for idx in _batches(samples, batch_size):
+    for idx in length_batches(samples, batch_size):
         tokens = pad_tokens([samples[i] for i in idx], graph.tokenizer.pad_token_id)
         arrays = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
                   "token_type_ids": tokens.token_type_ids}

@@ -35,7 +35,7 @@ from exitserve.models.checkpoint import Checkpoint, load_checkpoint
 from exitserve.models.data import DEFAULT_DATA, load_examples
 from exitserve.models.encoding import encode, pad_tokens
 from exitserve.models.export import export_hf
-from exitserve.models.inference import _batches, predict
+from exitserve.models.inference import length_batches, predict
 
 
 def whole_model_session(checkpoint: Checkpoint, workdir: Path) -> ort.InferenceSession:
@@ -59,7 +59,7 @@ def whole_model_session(checkpoint: Checkpoint, workdir: Path) -> ort.InferenceS
 
 def run_whole(session: ort.InferenceSession, samples: list, batch_size: int, pad_id: int) -> None:
     wanted = {i.name for i in session.get_inputs()}
-    for idx in _batches(samples, batch_size):
+    for idx in length_batches(samples, batch_size):
         tokens = pad_tokens([samples[i] for i in idx], pad_id)
         feeds = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
                  "token_type_ids": tokens.token_type_ids if tokens.token_type_ids is not None

@@ -87,9 +87,10 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300, ready_pa
 @contextmanager
 def running(
     cmd: list[str], port: int, env: dict | None = None, threads: int | None = None, ready_path: str = "/ready",
-    cwd: str | Path | None = None,
+    cwd: str | Path | None = None, ready_timeout: float = 300,
 ):
-    """Run a server process until the block ends; yields its base URL once `ready_path` answers 200."""
+    """Run a server process until the block ends; yields its base URL once `ready_path` answers 200 (else
+    TimeoutError after `ready_timeout` seconds)."""
     full_env = {**os.environ, **(env or {})}
     if threads:
         full_env["OMP_NUM_THREADS"] = str(threads)
@@ -99,7 +100,7 @@ def running(
         base = f"http://127.0.0.1:{port}"
         try:
             try:
-                wait_ready(base, proc, ready_path=ready_path)
+                wait_ready(base, proc, ready_timeout, ready_path)
             except (RuntimeError, TimeoutError) as exc:
                 log.seek(0)
                 raise type(exc)(f"{exc}; its stderr ends with:\n{log.read()[-3000:]}") from exc

@@ -47,6 +47,7 @@ class Metrics:
         self.failures = Counter("exitserve_request_failures", "Failed requests", ["reason"], registry=r)
         self.gc_pause = Histogram("exitserve_gc_pause_seconds", "Python garbage-collector pauses", ["generation"],
                                   buckets=DURATION_BUCKETS, registry=r)
+        self.audit = AuditMetrics(r, model_name, num_layers)
         self._answered = 0
         self._saved = 0
         # process-wide: drop the timers of Metrics that are gone (tests build many), then add this one's
@@ -83,3 +84,38 @@ def _gc_timer(metrics: weakref.ref):
 
     callback.owner = metrics
     return callback
+
+
+class AuditMetrics:
+    """The shadow audits' and the autopilot's metrics (server/audit.py, server/autopilot.py), bound to
+    one model. The agreement gauges and the threshold gauge read their values when scraped."""
+
+    def __init__(self, registry: CollectorRegistry, model: str, num_layers: int):
+        r, m = registry, model
+        self.audited = Counter("exitserve_audited", "Audited inputs: answered at their exit, then run to the "
+                               "last layer", ["model"], registry=r).labels(m)
+        self._disagreements = Counter("exitserve_audit_disagreements", "Audited inputs whose served answer "
+                                      "disagreed with the last layer's, by exit layer", ["model", "layer"], registry=r)
+        for layer in range(1, num_layers):  # every series exists from the start (the last layer always agrees)
+            self._disagreements.labels(m, str(layer))
+        self.audit_layers = Counter("exitserve_audit_layers", "Layers run by audits after the answer "
+                                    "(not in layers saved)", ["model"], registry=r).labels(m)
+        self.dropped = Counter("exitserve_audits_dropped", "Audits dropped: overload, shutdown or a failed step",
+                               ["model"], registry=r).labels(m)
+        self.agreement = Gauge("exitserve_exit_agreement", "Agreement of served answers with the last layer "
+                               "over the audit window", ["model"], registry=r).labels(m)
+        self.agreement_lower_bound = Gauge("exitserve_exit_agreement_lower_bound", "One-sided 95 % Wilson lower "
+                                           "bound of exitserve_exit_agreement", ["model"], registry=r).labels(m)
+        self.default_threshold = Gauge("exitserve_default_threshold", "The default exit threshold now (layer "
+                                       "1's; the autopilot may move it)", ["model"], registry=r).labels(m)
+        self._moves = Counter("exitserve_autopilot_moves", "Autopilot moves of the default threshold",
+                              ["model", "direction"], registry=r)
+        for direction in ("up", "down"):
+            self._moves.labels(m, direction)
+        self.model = m
+
+    def disagreement(self, layer: int) -> None:
+        self._disagreements.labels(self.model, str(layer)).inc()
+
+    def autopilot_moved(self, direction: str) -> None:
+        self._moves.labels(self.model, direction).inc()

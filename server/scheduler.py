@@ -31,11 +31,32 @@ the same boundary form a group, whatever request they came from. One scheduler s
 So a sample that exits at layer k has run exactly k layers, and its result depends only on its
 own tokens (rows never interact inside a layer; padding is masked), not on what else is in flight.
 An exception in a step fails only that batch's samples; the worker keeps serving.
+
+Audited samples (shadow audits, server/audit.py). A sample submitted with an `AuditTrace` records
+every layer's exit output. It is answered at its exit exactly as any other sample (same step, same
+answer, same timings), and then -- if the audit is kept -- continues to the last layer in a separate
+set of audit groups, only to learn what the full model would have answered:
+
+  - lower priority than any unanswered work: an audit step runs only when, after admission, no
+    unanswered sample is queued or in flight, and audit rows never share a batch with unanswered
+    rows. So an audit never delays an unanswered input, except that one arriving while an audit
+    step runs waits for that one step (at most `max_batch_size` rows of one layer), as it would
+    wait for any step in progress. Audit batches are cut and picked by the same rules;
+  - dropped first under overload: an audit is kept only if, at its exit step, no input is waiting
+    in the admission queue (a backlog) and fewer than `audit_capacity` audits are pending; else it
+    is dropped (counted). One decision per step for every exit alike, the last layer's included,
+    so which audits survive does not depend on where they exited (no bias toward late exits).
+    Pending audits hold no queue room, so they never cause a 429, and never run while inputs
+    wait, so they never cause a deadline miss; on stop they are dropped, not drained;
+  - not counted as served work: `on_step` (layers saved, batch sizes) sees only unanswered work;
+    `on_audit` gets an `AuditReport` per step with the audit layers run, the audits completed
+    (exit at the last layer: completed at once, no extra layer) and the audits dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -51,6 +72,9 @@ from exitserve.models.backends.base import Row
 from exitserve.models.criteria import ExitCriterion, exits_now
 from exitserve.models.encoding import Encoded
 from exitserve.models.inference import needs_exit
+from exitserve.server.audit import AuditReport, AuditTrace
+
+log = logging.getLogger("exitserve")
 
 
 class QueueFull(Exception):
@@ -80,8 +104,16 @@ class Sample:
     next_layer: int = 0
     hidden: Row | None = None  # [len, H] after `next_layer` layers, in the backend's array type
     memory: torch.Tensor | None = None  # criterion memory row
+    audit: AuditTrace | None = None  # set: a shadow audit (see the module docstring)
+
+    @property
+    def answered(self) -> bool:
+        """An audit still running after its answer went out."""
+        return self.audit is not None and self.audit.exit_layer > 0
 
     def resolve(self, result: Prediction | BaseException) -> None:
+        if self.finished is not None:
+            return  # answered already (an audit's later failure changes nothing)
         self.finished = time.monotonic()
 
         def _set() -> None:
@@ -115,15 +147,18 @@ class LayerScheduler:
         max_batch_tokens: int = 8192,
         max_queue_size: int = 512,
         on_step: Callable[[StepStats], None] | None = None,
+        on_audit: Callable[[AuditReport], None] | None = None,
     ):
         self.backend, self.criterion = backend, criterion
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_queue_size = max_queue_size
         self.admit_window = 2 * max_batch_size  # group 0 candidates: room for length-aware batching
-        self.on_step = on_step
+        self.audit_capacity = self.admit_window  # audits pending beyond this are dropped
+        self.on_step, self.on_audit = on_step, on_audit
         self.num_layers = backend.num_layers
         self._queue: deque[Sample] = deque()
         self._groups: list[list[Sample]] = [[] for _ in range(self.num_layers)]
+        self._audits: list[list[Sample]] = [[] for _ in range(self.num_layers)]  # answered, by next layer
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -154,6 +189,10 @@ class LayerScheduler:
         return sum(len(g) for g in self._groups)
 
     @property
+    def audits_pending(self) -> int:
+        return sum(len(g) for g in self._audits)
+
+    @property
     def room(self) -> int:
         """Samples the queue can still take."""
         return self.max_queue_size - len(self._queue)
@@ -181,23 +220,44 @@ class LayerScheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._stopping and not self._queue and not self.in_flight:
+                while not self._stopping and not self._queue and not self.in_flight and not self.audits_pending:
                     self._cv.wait()
                 if self._stopping and not self._queue and not self.in_flight:
+                    pending = [s for g in self._audits for s in g]
+                    for g in self._audits:
+                        g.clear()
+                    self._drop_audits(pending)  # shutdown does not wait for audits
                     return
                 self._admit()
-            group = self._pick_group()
+            groups = self._groups if self.in_flight else self._audits  # audits only when nothing unanswered waits
+            group = self._pick_group(groups)
             if group is None:
                 continue
-            batch = self._cut_batch(self._groups[group])
+            batch = self._cut_batch(groups[group])
             for sample in batch:
-                self._groups[group].remove(sample)
+                groups[group].remove(sample)
             self._step_started = time.monotonic()
             try:
                 self._step(group, batch)
             except Exception as exc:  # fail this batch only; keep serving
                 for sample in batch:
                     sample.resolve(exc)
+                self._drop_audits([s for s in batch if s.next_layer == group])  # those not moved on
+
+    def _drop_audits(self, samples: list[Sample]) -> None:
+        """Forget the audits of `samples` (shutdown, or a failed step), counted as dropped."""
+        dropped = [s for s in samples if s.audit is not None]
+        for sample in dropped:
+            sample.audit = sample.hidden = sample.memory = None
+        self._report_audits(AuditReport(dropped=len(dropped)))
+
+    def _report_audits(self, report: AuditReport) -> None:
+        if self.on_audit is None or not (report.layers or report.completed or report.dropped):
+            return
+        try:
+            self.on_audit(report)
+        except Exception:  # audits are a side measurement: they never fail an answer or the worker
+            log.exception("recording an audit report failed")
 
     def _admit(self) -> None:
         now = time.monotonic()
@@ -219,8 +279,9 @@ class LayerScheduler:
             sample.waiting_since = sample.submitted if sample.submitted >= self._step_started else now
             self._groups[0].append(sample)
 
-    def _pick_group(self) -> int | None:
-        waiting = [(min(s.waiting_since for s in g), k) for k, g in enumerate(self._groups) if g]
+    @staticmethod
+    def _pick_group(groups: list[list[Sample]]) -> int | None:
+        waiting = [(min(s.waiting_since for s in g), k) for k, g in enumerate(groups) if g]
         return min(waiting)[1] if waiting else None
 
     def _cut_batch(self, group: list[Sample]) -> list[Sample]:
@@ -244,6 +305,7 @@ class LayerScheduler:
         return rows[lo : hi + 1]
 
     def _step(self, layer: int, batch: list[Sample]) -> None:
+        """Run layer `layer` on a batch of unanswered samples, or (idle time) of answered audits only."""
         now = time.monotonic()
         lengths = np.array([len(s.encoded) for s in batch])
         if layer == 0:
@@ -256,7 +318,7 @@ class LayerScheduler:
             memory = torch.stack([s.memory for s in batch]) if batch[0].memory is not None else None
         last = layer == self.num_layers - 1
         thresholds = torch.stack([s.thresholds[layer] for s in batch])
-        traced = any(s.trace is not None for s in batch)
+        traced = any(s.trace is not None or s.audit is not None for s in batch)  # audits record every exit
         attention = self.backend.attention(lengths)
         hidden, out = self.backend.layer(layer, hidden, attention, needs_exit(self.criterion, thresholds, last, traced))
         if out is None:
@@ -265,27 +327,42 @@ class LayerScheduler:
             conf, memory = self.criterion.confidence(out.logits, out.lte, memory)
             leave = exits_now(conf, thresholds, last).tolist()
 
-        rows = self.backend.rows(hidden, lengths.tolist()) if not all(leave) else []
+        auditing = batch[0].answered  # an audit step: every row was answered before
+        audits = AuditReport(layers=len(batch) if auditing else 0)
+        keep = not self._queue and self.audits_pending < self.audit_capacity  # for this step's audited exits
+        goes_on = not last and any(s.answered or not leave[i] or (s.audit is not None and keep)
+                                   for i, s in enumerate(batch))
+        rows = self.backend.rows(hidden, lengths.tolist()) if goes_on else []
         exited, answers = [], []
         for i, s in enumerate(batch):
             if s.trace is not None:
                 value, _, _ = decode(out.logits[i], self.criterion.regression)
                 s.trace.append(LayerTrace(layer + 1, float(conf[i]), value))
-            if leave[i]:
+            if s.audit is not None:
+                s.audit.record(out, i)
+            if leave[i] and not s.answered:
                 value, label, probs = decode(out.logits[i], self.criterion.regression)
-                s.hidden = s.memory = None
                 answers.append(Prediction(layer + 1, float(conf[i]), value, label, probs, s.trace))
                 exited.append(s)
+                if s.audit is not None and keep:
+                    s.audit.exit_layer = layer + 1
+                elif s.audit is not None:
+                    s.audit, audits.dropped = None, audits.dropped + 1
+            if s.answered and last:
+                audits.completed.append(s.audit)
+            if last or (leave[i] and not s.answered):
+                s.hidden = s.memory = None  # done: answered, and audited to the end or not audited
             else:
                 s.hidden = rows[i]
                 s.memory = memory[i] if memory is not None else None
                 s.next_layer = layer + 1
                 s.waiting_since = time.monotonic()
-                self._groups[layer + 1].append(s)
+                (self._audits if s.answered else self._groups)[layer + 1].append(s)
         # the step is recorded before anyone is answered: a client holding its answer finds it in the metrics
         try:
-            if self.on_step is not None:
+            if self.on_step is not None and not auditing:
                 self.on_step(StepStats(layer + 1, len(batch), exited))
+            self._report_audits(audits)
         finally:
             for s, answer in zip(exited, answers, strict=True):
                 s.resolve(answer)

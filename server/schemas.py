@@ -53,6 +53,44 @@ class StatusResponse(BaseModel):
     status: str
 
 
+class AutopilotMove(BaseModel):
+    time: float = Field(..., description="unix time")
+    audits: int = Field(..., description="audits finished when it moved")
+    old: float
+    new: float
+    lower_bound: float = Field(..., description="the agreement bound that justified it (at old: up; at new: down)")
+
+
+class AutopilotInfo(BaseModel):
+    target: float = Field(..., description="target_agreement: the lower bound it keeps at or above")
+    threshold: float = Field(..., description="the default threshold now")
+    start: float = Field(..., description="where it started: the checkpoint's threshold (within the floor)")
+    floor: float
+    step: float
+    min_samples: int
+    margin: float
+    lower_bound_at_threshold: float | None = Field(
+        ..., description="agreement lower bound the current threshold gives on the audit window (replayed)")
+    audits_since_move: int
+    moves: dict[str, int] = Field(..., description="moves up and down since start")
+    recent_moves: list[AutopilotMove]
+
+
+class AuditInfo(BaseModel):
+    rate: float = Field(..., description="fraction of inputs audited")
+    window: int = Field(..., description="finished audits the agreement covers (audit_window)")
+    in_window: int
+    agreement: float | None = Field(..., description="served answers agreeing with the last layer, over the window")
+    lower_bound: float | None
+    bound: str = Field(..., description="how the lower bound is computed")
+    tolerance: float | None = Field(..., description="regression: the agreement tolerance")
+    audited: int = Field(..., description="audits finished since start")
+    dropped: int = Field(..., description="audits dropped since start (overload, shutdown)")
+    pending: int = Field(..., description="answered audits still waiting for idle time to reach the last layer")
+    extra_layers: int = Field(..., description="layers audits ran after the answers (not in layers saved)")
+    autopilot: AutopilotInfo | None = Field(..., description="null unless target_agreement is set")
+
+
 class InfoResponse(BaseModel):
     model: str
     task: str
@@ -68,4 +106,5 @@ class InfoResponse(BaseModel):
     max_length: int
     pair_input: bool
     limits: dict[str, int | float | bool]
+    audits: AuditInfo
     version: str

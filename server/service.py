@@ -10,6 +10,8 @@ one to a thread and back costs more than tokenising it (two context switches, an
 own time than the tokeniser's), and adds a wait for a free core under load.
 If the request fails or is cancelled (its client went away) while waiting, its other samples are
 cancelled, and the scheduler drops them at the next layer boundary instead of computing them.
+A fraction `audit_rate` of inputs is also audited (server/audit.py: the agreement metrics and, with
+`target_agreement`, the autopilot that moves the default threshold requests without one get).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from exitserve.models.answers import Prediction
 from exitserve.models.backends import create_backend
 from exitserve.models.checkpoint import Checkpoint, load_checkpoint
 from exitserve.models.encoding import encode
+from exitserve.server.audit import AuditTrace, create_monitor
 from exitserve.server.metrics import Metrics
 from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
 from exitserve.server.settings import Settings
@@ -75,12 +78,17 @@ class PredictionService:
         self.name = checkpoint.path.name
         self.metrics = Metrics(self.name, self.config.num_layers)
         self.backend = create_backend(checkpoint, settings.runtime, settings.quantize, settings.ort_threads)
-        self.default_threshold = self.config.threshold_for(self.backend.calibration_key)
+        # the checkpoint's threshold for this backend (int8 weights have their own calibration)
+        self.calibrated_threshold = self.config.threshold_for(self.backend.calibration_key)
+        self.audits = create_monitor(settings, self.config, self.calibrated_threshold, self.criterion,
+                                     self.backend.num_outputs, self.metrics.audit)
         self.scheduler = LayerScheduler(
             self.backend, self.criterion, max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens, max_queue_size=settings.max_queue_size, on_step=self._on_step,
+            on_audit=self.audits.record,
         )
         self.metrics.queue_size.labels(self.name).set_function(lambda: self.scheduler.queue_size)
+        self.metrics.audit.default_threshold.set_function(lambda: self.config.thresholds(self.default_threshold)[0])
         self.tokenizing = 0  # inputs admitted but not yet queued (only touched on the event loop)
         self.ready = False
         self.warming_up = False  # warm-up batches are not traffic: the metrics skip them
@@ -96,6 +104,12 @@ class PredictionService:
     def room(self) -> int:
         """Inputs that can still be admitted: the queue's room less the inputs being tokenised."""
         return self.scheduler.room - self.tokenizing
+
+    @property
+    def default_threshold(self) -> float | list[float]:
+        """The threshold of requests that name none: the checkpoint's, or where the autopilot moved it."""
+        autopilot = self.audits.autopilot
+        return self.calibrated_threshold if autopilot is None else autopilot.threshold
 
     @property
     def pair_input(self) -> bool:
@@ -144,7 +158,7 @@ class PredictionService:
         self, texts: list[str], *, pairs: list[str] | None = None, threshold: float | None = None,
         trace: bool = False, truncate: bool | None = None,
     ) -> Outcome:
-        """Answer `texts` (with `pairs` for pair tasks) at `threshold` (None: the checkpoint's default);
+        """Answer `texts` (with `pairs` for pair tasks) at `threshold` (None: the default threshold);
         raises QueueFull, DeadlineExceeded, SchedulerStopped, InputTooLong or the model's error."""
         start = time.monotonic()
         self.scheduler.check_room(len(texts), reserved=self.tokenizing)  # 429 before paying for tokenisation
@@ -166,7 +180,9 @@ class PredictionService:
         per_layer = torch.tensor(thresholds, dtype=torch.float32)
         deadline = start + self.settings.request_timeout
         samples = [
-            Sample(e, per_layer, loop.create_future(), loop, deadline, [] if trace else None) for e in encoded
+            Sample(e, per_layer, loop.create_future(), loop, deadline, [] if trace else None,
+                   audit=AuditTrace() if not self.warming_up and self.audits.should_audit() else None)
+            for e in encoded
         ]
         self.scheduler.submit(samples)
         try:
@@ -203,4 +219,5 @@ class PredictionService:
                 "max_batch_tokens": s.max_batch_tokens, "max_queue_size": s.max_queue_size,
                 "request_timeout": s.request_timeout, "truncate": s.truncate,
             },
+            "audits": {**self.audits.info(), "pending": self.scheduler.audits_pending},
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -64,6 +64,27 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     access_log: bool = Field(True, description="one log line per request (~10 % of the event loop under overload)")
+
+    # shadow audits and the threshold autopilot (server/audit.py, server/autopilot.py)
+    audit_rate: float = Field(0.02, ge=0, le=1, description="fraction of inputs audited: answered at their exit, "
+                              "then run to the last layer in idle time to measure agreement (0: off)")
+    audit_window: int = Field(1000, ge=1, description="finished audits the agreement metric covers")
+    audit_tolerance: float = Field(0.1, ge=0, description="regression: an exit agrees when within this of the "
+                                   "last layer's value")
+    target_agreement: float | None = Field(None, gt=0, le=1, description="turns the autopilot on: keep the "
+                                           "agreement's lower bound >= this by moving the default threshold")
+    autopilot_floor: float | None = Field(None, ge=0, le=1, description="lowest default threshold the autopilot "
+                                          "may set (default: the checkpoint's calibrated threshold)")
+    autopilot_step: float = Field(0.05, gt=0, le=1, description="largest autopilot move; lowering moves a fifth of it")
+    autopilot_min_samples: int = Field(100, ge=1, description="audits finished between two autopilot moves")
+    autopilot_margin: float = Field(0.01, ge=0, description="hysteresis: lower only while the bound one step down "
+                                    "stays >= target + this")
+
+    @model_validator(mode="after")
+    def _autopilot_needs_audits(self) -> Settings:
+        if self.target_agreement is not None and self.audit_rate == 0:
+            raise ValueError("target_agreement needs audits: set audit_rate above 0")
+        return self
 
     @property
     def runtime(self) -> str:
