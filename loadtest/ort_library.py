@@ -160,7 +160,7 @@ def measure(checkpoint_dir: str, data: str, max_samples: int | None, rounds: int
 
 def markdown(report: dict) -> str:
     lines = [f"{report['samples']} {report['data']} dev sentences, {report['num_layers']} layers, "
-             f"onnxruntime {report['onnxruntime']}, {report['machine']['date']}", "",
+             f"onnxruntime {report['onnxruntime']}, {report['machine']['date_utc']}", "",
              "| batch | whole graph | exits off | exits on (mean exit) | int8 off | int8 on | off / whole | "
              "on / ideal | load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
