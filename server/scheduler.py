@@ -159,6 +159,7 @@ class LayerScheduler:
         self._queue: deque[Sample] = deque()
         self._groups: list[list[Sample]] = [[] for _ in range(self.num_layers)]
         self._audits: list[list[Sample]] = [[] for _ in range(self.num_layers)]  # answered, by next layer
+        self._audits_stepping = 0  # audit rows taken out of `_audits` by the step running now
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -190,7 +191,8 @@ class LayerScheduler:
 
     @property
     def audits_pending(self) -> int:
-        return sum(len(g) for g in self._audits)
+        """Audits not yet completed or dropped: waiting for a layer, or in the step running now."""
+        return sum(len(g) for g in self._audits) + self._audits_stepping
 
     @property
     def room(self) -> int:
@@ -236,6 +238,7 @@ class LayerScheduler:
             batch = self._cut_batch(groups[group])
             for sample in batch:
                 groups[group].remove(sample)
+            self._audits_stepping = len(batch) if groups is self._audits else 0
             self._step_started = time.monotonic()
             try:
                 self._step(group, batch)
@@ -243,6 +246,8 @@ class LayerScheduler:
                 for sample in batch:
                     sample.resolve(exc)
                 self._drop_audits([s for s in batch if s.next_layer == group])  # those not moved on
+            finally:
+                self._audits_stepping = 0
 
     def _drop_audits(self, samples: list[Sample]) -> None:
         """Forget the audits of `samples` (shutdown, or a failed step), counted as dropped."""
