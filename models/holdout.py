@@ -63,7 +63,10 @@ def report_rows(record: dict | None, rows: Examples, include_calibration_rows: b
                     f"{record.get('split', '?')} of {record.get('data', '?')}): if that is this data, "
                     "these scores include the rows that chose the threshold")
         else:
-            note = f"all {total} rows (the checkpoint's threshold was not calibrated on this data)"
+            note = (f"all {total} rows (the checkpoint's threshold was calibrated on other data, "
+                    f"{(record or {}).get('split') or 'rows'} of {(record or {}).get('data', '?')}: rows this data "
+                    "shares with it are not detected)" if record else f"all {total} rows (the checkpoint has no "
+                    "calibration record)")
         return rows, {"rows": "all", "samples": total, "calibration_rows_included": None, "note": note}
     if include_calibration_rows:
         note = f"all {total} rows, INCLUDING the {len(chosen)} rows the threshold was calibrated on"

@@ -192,4 +192,4 @@ def test_evaluate_reports_on_the_rows_the_threshold_was_not_chosen_on(ckpt, tmp_
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["rows"]["rows"] == "all" and report["samples"] == 30
-    assert "not calibrated on this data" in report["rows"]["note"]
+    assert "calibrated on other data, dev of" in report["rows"]["note"]
