@@ -66,13 +66,12 @@ def test_audits_change_no_answer_and_record_what_the_last_layer_says(tokenizer, 
 
     async def serve(audit: bool):
         sched = LoggedScheduler(backend, max_batch_size=32)  # admits all 40: no backlog, so no audit is dropped
-        sched.start()
         samples = make_samples(encoded, thresholds)
         if audit:
             audited(samples)
-        for i in range(0, len(samples), 5):
-            sched.submit(samples[i : i + 5])
-            await asyncio.sleep(0)
+        for i in range(0, len(samples), 5):  # all queued before the worker starts: a request arriving while
+            sched.submit(samples[i : i + 5])  # a step runs would be a backlog, and audits are dropped then
+        sched.start()
         out = await asyncio.gather(*(s.future for s in samples))
         await until(lambda: len(sched.completed()) == (len(samples) if audit else 0))
         sched.stop()
