@@ -58,15 +58,16 @@ def report_rows(record: dict | None, rows: Examples, include_calibration_rows: b
     chosen = calibration_rows(record, rows)
     total = len(rows)
     if chosen is None:
-        if record and "data_fingerprint" not in record:
+        if not record:
+            note = f"all {total} rows (the checkpoint has no calibration record)"
+        elif "data_fingerprint" not in record:
             note = (f"all {total} rows; the calibration record predates held-out calibration (chosen on "
                     f"{record.get('split', '?')} of {record.get('data', '?')}): if that is this data, "
                     "these scores include the rows that chose the threshold")
         else:
             note = (f"all {total} rows (the checkpoint's threshold was calibrated on other data, "
-                    f"{(record or {}).get('split') or 'rows'} of {(record or {}).get('data', '?')}: rows this data "
-                    "shares with it are not detected)" if record else f"all {total} rows (the checkpoint has no "
-                    "calibration record)")
+                    f"{record.get('split') or 'rows'} of {record.get('data', '?')}: rows this data shares with "
+                    "it are not detected)")
         return rows, {"rows": "all", "samples": total, "calibration_rows_included": None, "note": note}
     if include_calibration_rows:
         note = f"all {total} rows, INCLUDING the {len(chosen)} rows the threshold was calibrated on"

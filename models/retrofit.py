@@ -140,12 +140,13 @@ def compare_final_exit(checkpoint: Checkpoint, original: PreTrainedModel, rows: 
     `REGRESSION_TOLERANCE`) and the largest logit difference."""
     model, tokenizer, cfg = checkpoint.model, checkpoint.tokenizer, checkpoint.exit_config
     samples = encode(tokenizer, rows.texts, rows.pairs, cfg.max_length)
+    takes_types = "token_type_ids" in inspect.signature(original.forward).parameters  # not every family's does
     identical, worst = 0, 0.0
     for idx in length_batches(samples, 32):
         batch = collate([samples[i] for i in idx], tokenizer.pad_token_id)
         ours = model(**batch).logits[-1]
-        if "token_type_ids" not in inspect.signature(original.forward).parameters:
-            batch.pop("token_type_ids", None)  # not every family's classifier takes them
+        if not takes_types:
+            batch.pop("token_type_ids", None)
         theirs = original(**batch).logits
         if cfg.regression:
             identical += int(((ours - theirs).abs()[:, 0] <= REGRESSION_TOLERANCE).sum())
