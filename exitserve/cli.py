@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: they load torch, which `exitserve serve` must not do before it
     # has re-executed itself on jemalloc (main, server/allocator.py)
     from exitserve.models.criteria import CRITERIA
-    from exitserve.models.strategies import DEFAULT_STRATEGY, LTE_TARGETS, STRATEGIES
+    from exitserve.models.recipes import DEFAULT_STRATEGY, LTE_TARGETS, STRATEGIES
 
     parser = argparse.ArgumentParser(prog="exitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.from_classifier:
         path = _retrofit(args)
     else:
-        from exitserve.models.strategies import DEFAULT_STRATEGY
+        from exitserve.models.recipes import DEFAULT_STRATEGY
         from exitserve.models.training import TrainOptions, train
 
         if args.distill:
@@ -216,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         strategy = "raw" if args.raw else args.strategy or DEFAULT_STRATEGY
         path = train(TrainOptions(backbone=args.backbone or "minilm-l6", strategy=strategy, lte_weight=args.lte_weight,
                                   lte_target=args.lte_target, **_common(args)))
-    from exitserve.models.checkpoint import ExitConfig
+    from exitserve.models.exit_config import ExitConfig
 
     cfg = ExitConfig.read(path)
     scores = cfg.dev_scores
@@ -286,8 +286,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
-    from exitserve.models.backends.onnx_families import UnsupportedModel, check_exportable
-    from exitserve.models.backends.onnx_store import export_graphs
+    from exitserve.models.backends.onnx_families import check_exportable
+    from exitserve.models.backends.onnx_store import UnsupportedModel, export_graphs
     from exitserve.models.checkpoint import load_checkpoint
     from exitserve.server.settings import DEFAULT_MODEL
 
@@ -296,7 +296,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
         check_exportable(ckpt.model)
     except UnsupportedModel as exc:
         raise ValueError(f"{ckpt.path} cannot run on onnxruntime (it is served on torch): {exc}") from exc
-    directory, built = export_graphs(ckpt, args.quantize)
+    directory, built = export_graphs(ckpt.path, ckpt.exit_config, lambda: ckpt.model, args.quantize)
     print(f"{'wrote' if built else 'up to date:'} {directory}")
 
 
@@ -341,9 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exitserve serve: error: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    from exitserve.models.backbones import BackboneError
     from exitserve.models.backends.onnx_store import OnnxStoreError
-    from exitserve.models.checkpoint import CheckpointError
+    from exitserve.models.exit_config import BackboneError, CheckpointError
 
     logger = logging.getLogger("exitserve")
     if args.command != "serve" and not logger.handlers:  # serve configures logging itself; elsewhere show

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.exit_config import ExitConfig
 
 
 def load(specs: list[str]) -> dict[str, ExitConfig]:

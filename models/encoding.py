@@ -1,5 +1,13 @@
 """Text -> token ids, and token ids -> right-padded batches.
 
+Every sample carries its token type ids (0 for a text, 1 for the second text of a pair in BERT's
+scheme); only the BERT family's embeddings read them.
+
+`TextEncoder` tokenises with the model's own tokenizer as the `tokenizers` library runs it (what a
+Hugging Face fast tokenizer calls underneath), from the checkpoint's `tokenizer.json` or from a loaded
+Hugging Face tokenizer: a server needs neither transformers nor torch to tokenise, and both give the
+same ids (tests check it on every family's tokenizer; a checkpoint's canaries check it at load).
+
 Samples are kept as unpadded id lists (`Encoded`) until the moment a batch is formed, so any set of
 samples (from one request or many) can be padded to exactly the length the batch needs. `pad_tokens`
 is the one padding rule (numpy, so every runtime backend can take it); `collate` wraps it in torch
@@ -8,12 +16,14 @@ tensors for the model's forward (training, recording all layers, export checks).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from transformers import PreTrainedTokenizerBase
+from tokenizers import Tokenizer
 
 
 class InputTooLong(ValueError):
@@ -23,34 +33,75 @@ class InputTooLong(ValueError):
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
-    token_type_ids: list[int] | None = None
+    token_type_ids: list[int] | None = None  # None: all 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
+def _special_token(value: Any) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string, or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class TextEncoder:
+    """A model's tokenizer: texts (and pairs) -> `Encoded`, truncated to `max_length` tokens or refused.
+    Two copies of the tokenizer, one truncating and one not, so concurrent calls never change each
+    other's settings."""
+
+    def __init__(self, tokenizer_json: str, pad_id: int, max_length: int):
+        self.pad_id, self.max_length = pad_id, max_length
+        self.plain = Tokenizer.from_str(tokenizer_json)
+        self.plain.no_padding()
+        self.plain.no_truncation()
+        self.truncating = Tokenizer.from_str(tokenizer_json)
+        self.truncating.no_padding()
+        self.truncating.enable_truncation(max_length, strategy="longest_first")
+
+    @classmethod
+    def from_directory(cls, directory: Path, max_length: int) -> TextEncoder:
+        """From a checkpoint's tokenizer.json (raises ValueError with the reason when it cannot)."""
+        path = Path(directory) / "tokenizer.json"
+        text = path.read_text()
+        config_path = Path(directory) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        pad = _special_token(config.get("pad_token")) if isinstance(config, dict) else None
+        tokenizer = Tokenizer.from_str(text)
+        pad_id = tokenizer.token_to_id(pad) if pad else None
+        if pad_id is None:
+            raise ValueError(f"{config_path} names no padding token the tokenizer knows ({pad!r})")
+        return cls(text, pad_id, max_length)
+
+    @classmethod
+    def from_hf(cls, tokenizer, max_length: int) -> TextEncoder:
+        """From a loaded Hugging Face fast tokenizer (training and the library's torch path)."""
+        return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.pad_token_id, max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.plain.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, truncate: bool = True) -> list[Encoded]:
+        """Tokenise; inputs over `max_length` tokens are truncated, or rejected (InputTooLong) when
+        `truncate` is off."""
+        tokenizer = self.truncating if truncate else self.plain
+        batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
+        out = []
+        for i, enc in enumerate(batch):
+            if len(enc.ids) > self.max_length:
+                raise InputTooLong(f"input {i} has {len(enc.ids)} tokens; the model takes at most {self.max_length}")
+            out.append(Encoded(enc.ids, enc.type_ids))
+        return out
+
+
 def encode(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    pairs: Sequence[str] | None = None,
-    max_length: int = 128,
-    truncate: bool = True,
+    tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, max_length: int = 128, truncate: bool = True
 ) -> list[Encoded]:
-    """Tokenise; inputs over `max_length` tokens are truncated, or rejected when `truncate` is off."""
-    batch = tokenizer(
-        list(texts),
-        list(pairs) if pairs is not None else None,
-        truncation="longest_first" if truncate else False,
-        max_length=max_length if truncate else None,
-        padding=False,
-    )
-    types = batch.get("token_type_ids")
-    out = []
-    for i, ids in enumerate(batch["input_ids"]):
-        if len(ids) > max_length:
-            raise InputTooLong(f"input {i} has {len(ids)} tokens; the model takes at most {max_length}")
-        out.append(Encoded(list(ids), list(types[i]) if types is not None else None))
-    return out
+    """`TextEncoder.encode` for a `TextEncoder` or a Hugging Face tokenizer (the library's callers)."""
+    encoder = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder.from_hf(tokenizer, max_length)
+    if encoder.max_length != max_length:
+        encoder = TextEncoder(encoder.plain.to_str(), encoder.pad_id, max_length)
+    return encoder.encode(texts, pairs, truncate)
 
 
 @dataclass(frozen=True)
@@ -71,6 +122,14 @@ def attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
     return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
 
 
+def mean_pool_weights(lengths: np.ndarray, width: int) -> np.ndarray:
+    """`[B, 1, width]` float32: 1/length on each row's real tokens, 0 on padding (what mean-pooling exits
+    multiply by), computed in float32 as the composed ONNX graph computes it."""
+    lengths = np.asarray(lengths)
+    mask = attention_mask(lengths, width).astype(np.float32)
+    return (mask / lengths[:, None].astype(np.float32))[:, None, :]
+
+
 def pad_tokens(samples: Sequence[Encoded], pad_id: int) -> TokenBatch:
     """Right-pad to the longest sample (padding never changes a row's real tokens' results)."""
     lengths = np.array([len(s) for s in samples], dtype=np.int64)
@@ -83,8 +142,11 @@ def pad_tokens(samples: Sequence[Encoded], pad_id: int) -> TokenBatch:
     return TokenBatch(ids, types, lengths)
 
 
-def collate(samples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict:
-    """`pad_tokens` as the model's keyword arguments: input_ids, attention_mask (and token_type_ids)."""
+def collate(samples: Sequence[Encoded], pad_id: int, device: Any = "cpu") -> dict:
+    """`pad_tokens` as the model's keyword arguments (torch tensors): input_ids, attention_mask (and
+    token_type_ids). torch is imported here, not at the top: serving never collates."""
+    import torch
+
     batch = pad_tokens(samples, pad_id)
     out = {"input_ids": torch.from_numpy(batch.input_ids), "attention_mask": torch.from_numpy(batch.attention_mask)}
     if batch.token_type_ids is not None:

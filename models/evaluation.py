@@ -17,12 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from exitserve.models.answers import answers
+from exitserve.models.answers import AllExits, answers
 from exitserve.models.backends import Backend, create_backend
 from exitserve.models.checkpoint import Checkpoint
 from exitserve.models.criteria import ExitCriterion, expand_thresholds
 from exitserve.models.data import ColumnOptions, Examples, load_examples
-from exitserve.models.early_exit import AllExits
 from exitserve.models.encoding import Encoded, encode
 from exitserve.models.holdout import report_rows
 from exitserve.models.inference import predict, record_all_layers, simulate_exits
@@ -71,9 +70,9 @@ def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[floa
     sims = [simulate_exits(recorded, criterion, [threshold] * num_layers) for threshold in grid]
     return ExitTable(
         thresholds=[float(t) for t in grid],
-        answers=np.stack([answers(sim.logits, criterion.regression).numpy() for sim in sims]).astype(float),
-        exit_layer=np.stack([sim.exit_layer.numpy() for sim in sims]),
-        final=answers(recorded.logits[-1], criterion.regression).numpy().astype(float),
+        answers=np.stack([answers(sim.logits, criterion.regression) for sim in sims]).astype(float),
+        exit_layer=np.stack([sim.exit_layer for sim in sims]),
+        final=answers(recorded.logits[-1], criterion.regression).astype(float),
         num_layers=num_layers,
         regression=criterion.regression,
     )

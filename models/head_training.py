@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from exitserve.models.early_exit import AllExits, EarlyExitModel, lte_confidence
+from exitserve.models.answers import AllExits
+from exitserve.models.early_exit import EarlyExitModel, lte_confidence
 from exitserve.models.feature_cache import CachedFeatures
 from exitserve.models.strategies import cached_exits_loss
 from exitserve.models.training import RunOptions, trainer_arguments

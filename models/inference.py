@@ -1,15 +1,13 @@
-"""Layer-by-layer batched inference with early exit, on any runtime backend (models/backends).
+"""Batched inference with early exit, on any runtime backend (models/backends).
 
-`predict` runs a batch one layer at a time. After each layer every active row's exit computes a
-confidence; rows whose confidence passes their threshold leave with that exit's answer, and the
-next layer runs only on the rows still active, trimmed to the padding they still need. The backend
-builds the batch's attention inputs once, and again only when rows leave. Exit outputs come back on
-the CPU, which is the one host synchronisation per layer; a layer at which no row could exit (every
-threshold 1.0, no trace, no criterion history) skips its exit head.
+`predict` cuts the samples into batches of similar length and runs each with `Backend.run`: every row
+leaves at the first layer whose confidence passes its threshold, and a row that exits at layer k costs
+k layers (on ONNX Runtime the whole decision runs inside one graph; elsewhere layer by layer, dropping
+exited rows and trimming padding after every layer: models/backends/base.py).
 
 `record_all_layers` runs every layer for every sample once and keeps every exit's output, and
-`simulate_exits` replays any criterion/threshold over those outputs with the same decision rule,
-so threshold sweeps and layer-wise curves cost one pass over the data.
+`simulate_exits` replays any criterion/threshold over those outputs with the same decision rule
+(criteria.decide), so threshold sweeps and layer-wise curves cost one pass over the data.
 """
 
 from __future__ import annotations
@@ -18,73 +16,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from exitserve.models.answers import LayerTrace, Prediction, answers, decode
-from exitserve.models.backends import Backend
-from exitserve.models.criteria import ExitCriterion, exits_now
-from exitserve.models.early_exit import AllExits
+from exitserve.models.answers import AllExits, LayerTrace, Prediction, answers, decode
+from exitserve.models.backends.base import Backend, BatchResult
+from exitserve.models.criteria import ExitCriterion, decide
 from exitserve.models.encoding import Encoded
 
 
-def needs_exit(criterion: ExitCriterion, thresholds: torch.Tensor, is_last_layer: bool, trace: bool) -> bool:
-    """Whether a layer's exit head must run: some row may leave here, or its output is wanted anyway."""
-    return is_last_layer or trace or criterion.has_memory or bool((thresholds < 1.0).any())
-
-
-def predict_batch(
-    backend: Backend,
-    criterion: ExitCriterion,
-    samples: Sequence[Encoded],
-    thresholds: torch.Tensor,
-    return_trace: bool = False,
-) -> list[Prediction]:
-    """Early-exit inference for one batch. `thresholds` is `[B, L]` (a row per sample)."""
-    num, num_layers = len(samples), backend.num_layers
-    lengths = np.array([len(s) for s in samples])
-    hidden = backend.embed(samples)
-    attention = backend.attention(lengths)
-    memory = criterion.initial_memory(num)
-    active = np.arange(num)  # which original rows are still running
-
-    out_logits = torch.zeros(num, backend.num_outputs)
-    out_conf = torch.zeros(num)
-    out_layer = np.zeros(num, dtype=np.int64)
-    # per-layer confidence and answer of every row while it runs (NaN once it has left)
-    trace = torch.full((2, num_layers, num), float("nan")) if return_trace else None
-
-    for k in range(num_layers):
-        last = k == num_layers - 1
-        row_thresholds = thresholds[torch.from_numpy(active), k]
-        hidden, out = backend.layer(k, hidden, attention, needs_exit(criterion, row_thresholds, last, return_trace))
-        if out is None:
-            continue
-        conf, memory = criterion.confidence(out.logits, out.lte, memory)
-        leave = exits_now(conf, row_thresholds, last).numpy()
-        if trace is not None:
-            trace[0, k, active] = conf
-            trace[1, k, active] = answers(out.logits, criterion.regression)
-        gone, stay = leave.nonzero()[0], (~leave).nonzero()[0]
-        out_logits[active[gone]] = out.logits[gone]
-        out_conf[active[gone]] = conf[gone]
-        out_layer[active[gone]] = k + 1
-        if not len(stay):
-            break
-        if len(gone):  # the batch changed: keep the rest, trimmed to the padding they still need
-            active = active[stay]
-            width = int(lengths[active].max())
-            hidden = backend.select(hidden, stay, width)
-            attention = backend.attention(lengths[active])
-            memory = memory[torch.from_numpy(stay)] if memory is not None else None
-
-    results = []
-    for i in range(num):
-        value, label, probs = decode(out_logits[i], criterion.regression)
+def predictions(result: BatchResult, regression: bool, trace: bool = False) -> list[Prediction]:
+    """A batch's results as one `Prediction` per row (with its per-layer trace when asked)."""
+    out = []
+    for i in range(len(result.exit_layer)):
+        value, label, probs = decode(result.logits[i], regression)
         steps = None
-        if trace is not None:
-            steps = [LayerTrace(k + 1, float(trace[0, k, i]), float(trace[1, k, i])) for k in range(out_layer[i])]
-        results.append(Prediction(int(out_layer[i]), float(out_conf[i]), value, label, probs, steps))
-    return results
+        if trace:
+            layers = int(result.exit_layer[i])
+            said = answers(result.trace_logits[i, :layers], regression)
+            steps = [LayerTrace(k + 1, float(result.trace_confidence[i, k]), float(said[k])) for k in range(layers)]
+        out.append(Prediction(int(result.exit_layer[i]), float(result.confidence[i]), value, label, probs, steps))
+    return out
 
 
 def length_batches(samples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
@@ -102,19 +52,20 @@ def predict(
     return_trace: bool = False,
 ) -> list[Prediction]:
     """Early-exit predictions for any number of samples, in input order; one threshold per layer."""
-    per_layer = torch.tensor(thresholds, dtype=torch.float32)
+    per_layer = np.asarray(thresholds, dtype=np.float32)
     results: list[Prediction | None] = [None] * len(samples)
     for idx in length_batches(samples, batch_size):
         batch = [samples[i] for i in idx]
-        rows = predict_batch(backend, criterion, batch, per_layer.expand(len(idx), -1), return_trace)
-        for i, result in zip(idx, rows, strict=True):
-            results[i] = result
+        rows = np.broadcast_to(per_layer, (len(idx), len(per_layer)))
+        result = backend.run(batch, rows, criterion, return_trace)
+        for i, prediction in zip(idx, predictions(result, criterion.regression, return_trace), strict=True):
+            results[i] = prediction
     return results  # type: ignore[return-value]
 
 
 def record_all_layers(backend: Backend, samples: Sequence[Encoded], batch_size: int = 32, progress=None) -> AllExits:
     """Every exit's output for every sample, in input order: logits `[L, N, C]`, LTE `[L, N]` (or None)."""
-    logits = torch.zeros(backend.num_layers, len(samples), backend.num_outputs)
+    logits = np.zeros((backend.num_layers, len(samples), backend.num_outputs), np.float32)
     lte = None
     for idx in length_batches(samples, batch_size):
         batch = [samples[i] for i in idx]
@@ -124,7 +75,7 @@ def record_all_layers(backend: Backend, samples: Sequence[Encoded], batch_size: 
             hidden, out = backend.layer(k, hidden, attention)
             logits[k, idx] = out.logits
             if out.lte is not None:
-                lte = torch.zeros(backend.num_layers, len(samples)) if lte is None else lte
+                lte = np.zeros((backend.num_layers, len(samples)), np.float32) if lte is None else lte
                 lte[k, idx] = out.lte
         if progress is not None:
             progress.update(len(idx))
@@ -133,27 +84,27 @@ def record_all_layers(backend: Backend, samples: Sequence[Encoded], batch_size: 
 
 @dataclass
 class SimulatedExits:
-    exit_layer: torch.Tensor  # [N], 1-based
-    logits: torch.Tensor  # [N, C], the answering exit's logits
-    confidence: torch.Tensor  # [N]
+    exit_layer: np.ndarray  # [N], 1-based
+    logits: np.ndarray  # [N, C], the answering exit's logits
+    confidence: np.ndarray  # [N]
 
 
-def simulate_exits(
-    recorded: AllExits, criterion: ExitCriterion, thresholds: Sequence[float]
-) -> SimulatedExits:
+def simulate_exits(recorded: AllExits, criterion: ExitCriterion, thresholds: Sequence[float]) -> SimulatedExits:
     """Where each sample would exit under `thresholds`, using the recorded outputs (no model run)."""
     num_layers, num = recorded.logits.shape[:2]
     memory = criterion.initial_memory(num)
-    done = torch.zeros(num, dtype=torch.bool)
-    exit_layer = torch.zeros(num, dtype=torch.long)
-    out_logits = torch.zeros(recorded.logits.shape[1:])
-    out_conf = torch.zeros(num)
+    done = np.zeros(num, dtype=bool)
+    exit_layer = np.zeros(num, dtype=np.int64)
+    out_logits = np.zeros(recorded.logits.shape[1:], np.float32)
+    out_conf = np.zeros(num, np.float32)
     for k in range(num_layers):
         lte = recorded.lte[k] if recorded.lte is not None else None
-        conf, memory = criterion.confidence(recorded.logits[k], lte, memory)
-        leave = exits_now(conf, torch.full((num,), thresholds[k]), k == num_layers - 1) & ~done
+        decision = decide(criterion, recorded.logits[k], lte, memory, np.full(num, thresholds[k], np.float32),
+                          k == num_layers - 1)
+        memory = decision.memory
+        leave = decision.leave & ~done
         exit_layer[leave] = k + 1
         out_logits[leave] = recorded.logits[k][leave]
-        out_conf[leave] = conf[leave]
+        out_conf[leave] = decision.confidence[leave]
         done |= leave
     return SimulatedExits(exit_layer, out_logits, out_conf)

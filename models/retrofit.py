@@ -28,9 +28,10 @@ import torch
 from transformers import PreTrainedModel, set_seed
 
 from exitserve.models.calibration import RiskMethod, calibrate
-from exitserve.models.checkpoint import Checkpoint, ExitConfig, load_checkpoint, save_checkpoint
+from exitserve.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from exitserve.models.data import Examples, load_examples, load_texts
 from exitserve.models.encoding import collate, encode
+from exitserve.models.exit_config import ExitConfig
 from exitserve.models.feature_cache import CachedFeatures, cache_features
 from exitserve.models.head_training import train_exit_heads
 from exitserve.models.hf_classifier import ClassifierInfo, load_classifier, read_classifier

@@ -59,13 +59,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from exitserve.models.answers import answers
-from exitserve.models.early_exit import AllExits
+from exitserve.models.answers import AllExits, answers
+from exitserve.models.recipes import LTE_TARGETS, STRATEGIES
 
-STRATEGIES = ("alternating", "alternating-epoch", "joint", "two-stage", "weighted", "self-distill", "raw")
-DEFAULT_STRATEGY = "two-stage"
 MULTI_EPOCH = ("alternating-epoch",)
-LTE_TARGETS = ("label", "final")
 
 
 @dataclass(frozen=True)

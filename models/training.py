@@ -25,18 +25,18 @@ from transformers import (
 )
 
 from exitserve.models.backbones import resolve_backbone
-from exitserve.models.backends import TorchBackend
-from exitserve.models.checkpoint import ExitConfig, save_checkpoint
+from exitserve.models.backends.torch_backend import TorchBackend
+from exitserve.models.checkpoint import save_checkpoint
 from exitserve.models.data import DEFAULT_DATA, ColumnOptions, Examples, load_examples
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import Encoded, collate, encode
 from exitserve.models.evaluation import per_layer_scores
+from exitserve.models.exit_config import ExitConfig
 from exitserve.models.inference import record_all_layers
+from exitserve.models.recipes import DEFAULT_STRATEGY, STRATEGIES
 from exitserve.models.strategies import (
-    DEFAULT_STRATEGY,
     MULTI_EPOCH,
     REFERENCE_LTE,
-    STRATEGIES,
     LteLoss,
     num_stages,
     objective_loss,

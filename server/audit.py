@@ -1,8 +1,9 @@
 """Shadow audits: do the served early answers still agree with the full model? Measured live.
 
-A fraction `audit_rate` of inputs is audited: answered at its exit as usual, then run on to the last
-layer in the scheduler's idle time (the policy is in server/scheduler.py). The scheduler reports each
-finished audit as an `AuditTrace`: the exit's output at every layer and the layer that answered.
+A fraction `audit_rate` of inputs is audited: answered at its exit as usual, then run again to the last
+layer in the scheduler's idle time (the rules are in server/scheduler.py). The scheduler reports each
+finished audit as an `ExitRecord` (models/answers.py): every layer's exit output and the layer that
+answered.
 `AuditMonitor` turns those into the agreement metrics and drives the optional `Autopilot`:
 
   agreement   classification: the served label equals the last layer's label; regression:
@@ -27,45 +28,19 @@ from __future__ import annotations
 import math
 import random
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from exitserve.models.answers import answers
-from exitserve.models.backends.base import ExitOutput
-from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.answers import AllExits, ExitRecord, answers
 from exitserve.models.criteria import ExitCriterion
-from exitserve.models.early_exit import AllExits
+from exitserve.models.exit_config import ExitConfig
 from exitserve.models.inference import simulate_exits
 from exitserve.server.autopilot import Autopilot
 from exitserve.server.metrics import AuditMetrics
+from exitserve.server.scheduler import AuditReport
 from exitserve.server.settings import Settings
 
 Z_ONE_SIDED_95 = 1.6448536269514722  # the standard normal's 95th percentile
-
-
-@dataclass(eq=False)
-class AuditTrace:
-    """An audited sample's record: every layer's exit output, and the layer that answered it."""
-
-    exit_layer: int = 0  # 1-based; 0 while the sample is unanswered
-    logits: list[torch.Tensor] = field(default_factory=list)  # one `[C]` row per layer run
-    lte: list[torch.Tensor] = field(default_factory=list)  # one scalar per layer (LTE models only)
-
-    def record(self, out: ExitOutput, row: int) -> None:
-        self.logits.append(out.logits[row])
-        if out.lte is not None:
-            self.lte.append(out.lte[row])
-
-
-@dataclass
-class AuditReport:
-    """What one scheduler step did for audits (the policy: server/scheduler.py)."""
-
-    layers: int = 0  # audit rows x 1 layer run in this step: work beyond the answers
-    completed: list[AuditTrace] = field(default_factory=list)  # audits that reached the last layer
-    dropped: int = 0
 
 
 def wilson_lower_bound(agreed: int, n: int, z: float = Z_ONE_SIDED_95) -> float:
@@ -91,22 +66,21 @@ class AuditWindow:
         self.agreed = np.zeros(size, bool)
         self.count = self._next = 0
 
-    def agree(self, served: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    def agree(self, served: np.ndarray, final: np.ndarray) -> np.ndarray:
         """Elementwise: does the served answer agree with the last layer's?"""
         if self.regression:
-            return (served - final).abs() <= self.tolerance
+            return np.abs(served - final) <= self.tolerance
         return served == final
 
-    def add(self, trace: AuditTrace) -> bool:
+    def add(self, record: ExitRecord) -> bool:
         """Store one finished audit; returns whether its served answer agreed."""
-        logits = torch.stack(trace.logits)  # [L, C]
-        layer_answers = answers(logits, self.regression)
-        agreed = bool(self.agree(layer_answers[trace.exit_layer - 1], layer_answers[-1]))
+        layer_answers = answers(record.logits, self.regression)  # [L]
+        agreed = bool(self.agree(layer_answers[record.exit_layer - 1], layer_answers[-1]))
         i = self._next
-        self.logits[i] = logits.numpy()
+        self.logits[i] = record.logits
         if self.lte is not None:
-            self.lte[i] = torch.stack(trace.lte).numpy()
-        self.exit_layer[i], self.agreed[i] = trace.exit_layer, agreed
+            self.lte[i] = record.lte
+        self.exit_layer[i], self.agreed[i] = record.exit_layer, agreed
         self._next, self.count = (i + 1) % self.size, min(self.count + 1, self.size)
         return agreed
 
@@ -119,8 +93,8 @@ class AuditWindow:
         n = self.count
         if n == 0:
             return 0, 0
-        logits = torch.from_numpy(self.logits[:n]).transpose(0, 1)  # [L, N, C]
-        lte = torch.from_numpy(self.lte[:n]).T if self.lte is not None else None
+        logits = self.logits[:n].transpose(1, 0, 2)  # [L, N, C]
+        lte = self.lte[:n].T if self.lte is not None else None
         exits = simulate_exits(AllExits(logits, lte), criterion, [threshold] * logits.shape[0])
         final = answers(logits[-1], self.regression)
         return int(self.agree(answers(exits.logits, self.regression), final).sum()), n
@@ -161,11 +135,11 @@ class AuditMonitor:
         with self._lock:
             self.extra_layers += report.layers
             self.dropped += report.dropped
-            for trace in report.completed:
+            for record in report.completed:
                 self.audited += 1
                 m.audited.inc()
-                if not self.window.add(trace):
-                    m.disagreement(trace.exit_layer)
+                if not self.window.add(record):
+                    m.disagreement(record.exit_layer)
                 if self.autopilot is not None:
                     self.autopilot.observe(self.bound_at, self.audited)
 

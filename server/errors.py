@@ -9,6 +9,7 @@ its failure label: the middleware counts it, once per request, with the request'
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exitserve.models.encoding import InputTooLong
 from exitserve.server.error_format import error_response
-from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped
+from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped, SloUnreachable
 from exitserve.server.service import NonFiniteOutput
 
 FAILURE_KEY = "exitserve.failure"  # where `reply` leaves the failure label, in the request's scope state
@@ -63,6 +64,8 @@ class ErrorKind:
 
 ERRORS: dict[type[BaseException], ErrorKind] = {
     QueueFull: ErrorKind(429, "overloaded", retry_after=1, failure="overloaded"),
+    # the exception's own predicted wait, when it has one, is sent as Retry-After instead
+    SloUnreachable: ErrorKind(429, "slo_unreachable", retry_after=1, failure="slo_shed"),
     DeadlineExceeded: ErrorKind(503, "deadline_exceeded", failure="deadline"),
     SchedulerStopped: ErrorKind(503, "shutting_down"),
     InputTooLong: ErrorKind(422, "input_too_long"),
@@ -89,7 +92,8 @@ def api_error(exc: BaseException) -> APIError:
     kind = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), MODEL_FAILED)
     detail = exc.detail if isinstance(exc, StarletteHTTPException) else str(exc)
     message = detail if kind is not MODEL_FAILED else f"{type(exc).__name__}: {detail}"
-    headers = {"Retry-After": str(kind.retry_after)} if kind.retry_after else {}
+    retry_after = math.ceil(getattr(exc, "retry_after", None) or kind.retry_after or 0)
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
     if kind.close:
         headers["Connection"] = "close"
     return APIError(kind.status, kind.type, message, headers or None, kind.failure)

@@ -19,9 +19,8 @@ import uvicorn
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
-from exitserve.models.backbones import BackboneError
 from exitserve.models.backends.onnx_store import OnnxStoreError
-from exitserve.models.checkpoint import CheckpointError
+from exitserve.models.exit_config import BackboneError, CheckpointError
 from exitserve.server import allocator
 from exitserve.server.app import create_app
 from exitserve.server.connections import guarded_protocol

@@ -33,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from exitserve.models.backbones import BackboneError
-from exitserve.models.checkpoint import CheckpointError
+from exitserve.models.exit_config import BackboneError, CheckpointError
 from exitserve.server.app import create_app
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings

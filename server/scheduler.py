@@ -1,84 +1,64 @@
-"""The layer-level continuous-batching scheduler: turns skipped layers into throughput.
+"""The scheduler: the admission queue, the worker thread that runs one step at a time, the answers.
 
-Pipeline: the HTTP handler tokenises (off the event loop) and `submit`s one `Sample` per input to a
-bounded FIFO admission queue (full: QueueFull, 429); a single worker thread runs the model one layer
-at a time; each sample's future is resolved on the event loop the moment it exits.
+    submit (event loop)      one `Sample` per input into a bounded FIFO queue: all of a request's
+                             samples or none (QueueFull: 429); with `slo` set, a request the cost model
+                             predicts cannot be answered within it is refused at once (SloUnreachable:
+                             429 with Retry-After) instead of being served late
+    worker (one thread)      before every step: drops samples whose client went away, answers queued
+                             samples past their deadline (DeadlineExceeded: 503), asks the POLICY for
+                             the next step (server/policy.py: a pure function of what waits), and runs
+                             it (server/steps.py) on the runtime backend
+    answers                  every sample a step answers resolves its future on the event loop at once;
+                             the step is recorded first (`on_step`), so a client holding its answer
+                             finds it in the metrics
 
-Every sample in flight waits at a *layer boundary* (its next layer k, 0 = not started). Samples at
-the same boundary form a group, whatever request they came from. One scheduler step:
+An exception in a step fails only that step's samples; the worker keeps serving.
 
-  1. drops samples whose future was cancelled (the client went away), queued or in flight; answers
-     queued samples whose deadline has passed (DeadlineExceeded, 503); and admits queued samples,
-     oldest first, into group 0 while it holds fewer than two batches (`admit_window`). Admission is
-     bounded so the queue, not group 0, holds the backlog under overload: the queue is what the 429
-     and deadline checks see, and what keeps in-flight work (and memory) bounded;
-  2. picks ONE group to advance -- the one holding the sample that has waited longest since it
-     last advanced: least-recently-advanced first (an admitted sample counts from its arrival if
-     it arrived during the latest step, else from its admission: time spent in the queue does not
-     count, so a backlog cannot starve the samples already in flight). This is starvation-free: an
-     admitted sample starts layer 1 after at most one step per occupied group (<= L + 1 steps),
-     instead of waiting for the deepest in-flight sample to finish; and because survivors of
-     layer k join the samples already waiting at k + 1, groups coalesce into larger batches under
-     load;
-  3. cuts a batch from that group, length-aware: rows sorted by length, a contiguous window
-     around the longest-waiting row, at most `max_batch_size` rows and `max_batch_tokens` padded
-     tokens;
-  4. has the runtime backend (models/backends) pad the rows' hidden states (real tokens only are
-     stored per sample) and run layer k and exit k, and decides exits with the same rule as the
-     library (`models.criteria.exits_now`); a step in which no row could exit skips the exit head;
-  5. answers exited samples at once; the rest move to group k + 1.
+Shadow audits (server/audit.py). A sample submitted with `audit=True` is answered at its exit like any
+other, then -- if the audit is kept -- waits with the answered audits and runs again to the last layer
+(a run step with every threshold at 1.0, traced), only to learn what the full model would have said:
 
-So a sample that exits at layer k has run exactly k layers, and its result depends only on its
-own tokens (rows never interact inside a layer; padding is masked), not on what else is in flight.
-An exception in a step fails only that batch's samples; the worker keeps serving.
-
-Audited samples (shadow audits, server/audit.py). A sample submitted with an `AuditTrace` records
-every layer's exit output. It is answered at its exit exactly as any other sample (same step, same
-answer, same timings), and then -- if the audit is kept -- continues to the last layer in a separate
-set of audit groups, only to learn what the full model would have answered:
-
-  - lower priority than any unanswered work: an audit step runs only when, after admission, no
-    unanswered sample is queued or in flight, and audit rows never share a batch with unanswered
-    rows. So an audit never delays an unanswered input, except that one arriving while an audit
-    step runs waits for that one step (at most `max_batch_size` rows of one layer), as it would
-    wait for any step in progress. Audit batches are cut and picked by the same rules;
-  - dropped first under overload: an audit is kept only if, at its exit step, no input is waiting
-    in the admission queue (a backlog) and fewer than `audit_capacity` audits are pending; else it
-    is dropped (counted). One decision per step for every exit alike, the last layer's included,
-    so which audits survive does not depend on where they exited (no bias toward late exits).
-    Pending audits hold no queue room, so they never cause a 429, and never run while inputs
-    wait, so they never cause a deadline miss; on stop they are dropped, not drained;
-  - not counted as served work: `on_step` (layers saved, batch sizes) sees only unanswered work;
-    `on_audit` gets an `AuditReport` per step with the audit layers run, the audits completed
-    (exit at the last layer: completed at once, no extra layer) and the audits dropped.
+  - lower priority than any unanswered work: policies give audits a step only when nothing
+    unanswered waits, and audit rows never share a step with unanswered rows. An input arriving while
+    an audit step runs waits for that one step, as it would for any step in progress;
+  - dropped first under overload: an audit is kept only if, when its sample is answered, no input
+    waits in the queue and fewer than `audit_capacity` audits are pending; else it is dropped (counted).
+    Pending audits hold no queue room, so they never cause a 429 or a deadline miss; on stop they are
+    dropped, not drained. A sample answered at the last layer needs no audit run (it ran every layer);
+  - not counted as served work: `on_step` (layers saved, batch sizes) sees only answers; `on_audit`
+    gets an `AuditReport` per step: the layers audit steps ran, the audits completed and dropped.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
-from exitserve.models.answers import LayerTrace, Prediction, decode
+from exitserve.models.answers import ExitRecord, Prediction
 from exitserve.models.backends import Backend
-from exitserve.models.backends.base import Row
-from exitserve.models.criteria import ExitCriterion, exits_now
-from exitserve.models.encoding import Encoded
-from exitserve.models.inference import needs_exit
-from exitserve.server.audit import AuditReport, AuditTrace
+from exitserve.models.criteria import ExitCriterion
+from exitserve.server.cost import StepCost
+from exitserve.server.policy import LAYER, Limits, Policy, Step, View, Waiting
+from exitserve.server.steps import Answer, Sample, StepOutcome, run_step
 
 log = logging.getLogger("exitserve")
 
 
 class QueueFull(Exception):
     """The admission queue has no room for the request's samples (answered 429)."""
+
+
+class SloUnreachable(Exception):
+    """The request is predicted to miss `slo_ms` (answered 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(Exception):
@@ -89,81 +69,48 @@ class SchedulerStopped(Exception):
     """The scheduler is shut down."""
 
 
-@dataclass(eq=False)
-class Sample:
-    encoded: Encoded
-    thresholds: torch.Tensor  # [L]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    deadline: float  # time.monotonic()
-    trace: list[LayerTrace] | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    started: float | None = None  # first layer began
-    finished: float | None = None
-    waiting_since: float = field(default_factory=time.monotonic)
-    next_layer: int = 0
-    hidden: Row | None = None  # [len, H] after `next_layer` layers, in the backend's array type
-    memory: torch.Tensor | None = None  # criterion memory row
-    audit: AuditTrace | None = None  # set: a shadow audit (see the module docstring)
-
-    @property
-    def answered(self) -> bool:
-        """An audit still running after its answer went out."""
-        return self.audit is not None and self.audit.exit_layer > 0
-
-    def resolve(self, result: Prediction | BaseException) -> None:
-        if self.finished is not None:
-            return  # answered already (an audit's later failure changes nothing)
-        self.finished = time.monotonic()
-
-        def _set() -> None:
-            if self.future.done():
-                return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-
-        self.loop.call_soon_threadsafe(_set)
+@dataclass
+class StepStats:
+    mode: str  # the step's kind (policy.RUN / policy.LAYER)
+    batch_size: int
+    answered: list[Prediction]
+    seconds: float
 
 
 @dataclass
-class StepStats:
-    layer: int  # 1-based layer just run
-    batch_size: int
-    exited: list[Sample]
+class AuditReport:
+    """What one step did for audits."""
+
+    layers: int = 0  # layers audit steps ran: work beyond the answers
+    completed: list[ExitRecord] = field(default_factory=list)  # audits whose every layer is known
+    dropped: int = 0
 
 
-class LayerScheduler:
-    """The policy (which group runs next, which rows form its batch) and the step that runs it on a
-    runtime `Backend`; see the module docstring. `submit` is called from the event loop, everything
-    else runs on the scheduler's one worker thread."""
+class Scheduler:
+    """See the module docstring. `submit` and the properties are called from the event loop; the
+    policy and the steps run on the scheduler's one worker thread."""
 
     def __init__(
-        self,
-        backend: Backend,
-        criterion: ExitCriterion,
-        max_batch_size: int = 32,
-        max_batch_tokens: int = 8192,
-        max_queue_size: int = 512,
-        on_step: Callable[[StepStats], None] | None = None,
-        on_audit: Callable[[AuditReport], None] | None = None,
+        self, backend: Backend, criterion: ExitCriterion, policy: Policy, limits: Limits | None = None,
+        max_queue_size: int = 512, slo: float | None = None, cost: StepCost | None = None,
+        on_step: Callable[[StepStats], None] | None = None, on_audit: Callable[[AuditReport], None] | None = None,
     ):
-        self.backend, self.criterion = backend, criterion
-        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
-        self.max_queue_size = max_queue_size
-        self.admit_window = 2 * max_batch_size  # group 0 candidates: room for length-aware batching
-        self.audit_capacity = self.admit_window  # audits pending beyond this are dropped
+        self.backend, self.criterion, self.policy = backend, criterion, policy
+        self.limits = limits = limits or Limits()
+        self.max_queue_size, self.slo = max_queue_size, slo
+        self.cost = cost or StepCost()
         self.on_step, self.on_audit = on_step, on_audit
-        self.num_layers = backend.num_layers
+        self.admit_window = 2 * limits.max_batch_size  # what a policy sees of the queue
+        self.audit_capacity = self.admit_window  # audits pending beyond this are dropped
         self._queue: deque[Sample] = deque()
-        self._groups: list[list[Sample]] = [[] for _ in range(self.num_layers)]
-        self._audits: list[list[Sample]] = [[] for _ in range(self.num_layers)]  # answered, by next layer
-        self._audits_stepping = 0  # audit rows taken out of `_audits` by the step running now
+        self._groups: list[list[Sample]] = [[] for _ in range(backend.num_layers)]  # by next layer (layer steps)
+        self._audits: list[Sample] = []
+        self._stepping: list[Sample] = []
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._step_started = 0.0  # time.monotonic() when the latest step began
+        self._step_started = 0.0
+        self._step_predicted = 0.0  # predicted seconds of the step running now
 
     # ---- the event-loop side --------------------------------------------------------------------
     def start(self) -> None:
@@ -187,12 +134,14 @@ class LayerScheduler:
 
     @property
     def in_flight(self) -> int:
-        return sum(len(g) for g in self._groups)
+        """Unanswered samples stopped between layers or in the step running now."""
+        stepping = sum(1 for s in self._stepping if s.finished is None)
+        return sum(len(g) for g in self._groups) + stepping
 
     @property
     def audits_pending(self) -> int:
-        """Audits not yet completed or dropped: waiting for a layer, or in the step running now."""
-        return sum(len(g) for g in self._audits) + self._audits_stepping
+        """Audits not yet completed or dropped: waiting for their run, or in the step running now."""
+        return len(self._audits) + sum(1 for s in self._stepping if s.finished is not None)
 
     @property
     def room(self) -> int:
@@ -207,6 +156,26 @@ class LayerScheduler:
         if count + reserved > self.room:
             raise QueueFull(f"queue full ({self.max_queue_size} inputs waiting)")
 
+    def predicted_wait(self, tokens: list[int]) -> float:
+        """Seconds until inputs of these lengths, queued now, would be answered: the step running now,
+        the work queued ahead of them, and their own (the cost model's prediction)."""
+        cost = self.cost
+        ahead = [len(s.encoded) for s in self._queue] + [len(s.encoded) for g in self._groups for s in g]
+        running = max(self._step_predicted - (time.monotonic() - self._step_started), 0.0) if self._stepping else 0.0
+        rows = len(ahead) + len(tokens)
+        steps = max(1, math.ceil(rows / self.limits.max_batch_size))
+        return running + cost.seconds(cost.work(ahead) + cost.work(tokens), steps)
+
+    def check_slo(self, tokens: list[int]) -> None:
+        """Raise SloUnreachable when `slo` is set and inputs of these lengths would be answered after it."""
+        if self.slo is None:
+            return
+        wait = self.predicted_wait(tokens)
+        if wait > self.slo:
+            ahead = wait - self.cost.run_seconds(tokens)
+            raise SloUnreachable(f"predicted to be answered in {wait * 1000:.0f} ms, over the "
+                                 f"{self.slo * 1000:.0f} ms SLO", max(ahead, 0.001))
+
     def submit(self, samples: list[Sample]) -> None:
         """Queue all of a request's samples, or none (QueueFull)."""
         with self._cv:
@@ -214,58 +183,34 @@ class LayerScheduler:
             now = time.monotonic()
             for sample in samples:
                 sample.submitted = now
+                if self.slo is not None:
+                    sample.slo_deadline = now + self.slo
             self._queue.extend(samples)
             self._cv.notify()
 
     # ---- the worker thread ----------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not self._queue and not any(self._groups) and not self._audits
+
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._stopping and not self._queue and not self.in_flight and not self.audits_pending:
+                while not self._stopping and self._idle():
                     self._cv.wait()
-                if self._stopping and not self._queue and not self.in_flight:
-                    pending = [s for g in self._audits for s in g]
-                    for g in self._audits:
-                        g.clear()
-                    self._drop_audits(pending)  # shutdown does not wait for audits
+                if self._stopping and not self._queue and not any(self._groups):
+                    self._drop_audits(self._audits)  # shutdown does not wait for audits
+                    self._audits = []
                     return
-                self._admit()
-            groups = self._groups if self.in_flight else self._audits  # audits only when nothing unanswered waits
-            group = self._pick_group(groups)
-            if group is None:
-                continue
-            batch = self._cut_batch(groups[group])
-            for sample in batch:
-                groups[group].remove(sample)
-            self._audits_stepping = len(batch) if groups is self._audits else 0
-            self._step_started = time.monotonic()
-            try:
-                self._step(group, batch)
-            except Exception as exc:  # fail this batch only; keep serving
-                for sample in batch:
-                    sample.resolve(exc)
-                self._drop_audits([s for s in batch if s.next_layer == group])  # those not moved on
-            finally:
-                self._audits_stepping = 0
+                now = time.monotonic()
+                self._expire(now)
+                step = self.policy.choose(self._view(now), self.limits)
+                if step is None:
+                    continue
+                batch = self._take(step)
+            self._execute(step, batch)
 
-    def _drop_audits(self, samples: list[Sample]) -> None:
-        """Forget the audits of `samples` (shutdown, or a failed step), counted as dropped."""
-        dropped = [s for s in samples if s.audit is not None]
-        for sample in dropped:
-            sample.audit = sample.hidden = sample.memory = None
-        self._report_audits(AuditReport(dropped=len(dropped)))
-
-    def _report_audits(self, report: AuditReport) -> None:
-        if self.on_audit is None or not (report.layers or report.completed or report.dropped):
-            return
-        try:
-            self.on_audit(report)
-        except Exception:  # audits are a side measurement: they never fail an answer or the worker
-            log.exception("recording an audit report failed")
-
-    def _admit(self) -> None:
-        now = time.monotonic()
+    def _expire(self, now: float) -> None:
+        """Forget samples whose client went away; answer queued ones past their deadline."""
         if any(s.future.cancelled() or now > s.deadline for s in self._queue):
             kept: deque[Sample] = deque()
             for sample in self._queue:
@@ -279,95 +224,100 @@ class LayerScheduler:
         for group in self._groups:
             if any(s.future.cancelled() for s in group):
                 group[:] = [s for s in group if not s.future.cancelled()]
-        while self._queue and len(self._groups[0]) < self.admit_window:
-            sample = self._queue.popleft()
-            sample.waiting_since = sample.submitted if sample.submitted >= self._step_started else now
-            self._groups[0].append(sample)
+
+    def _view(self, now: float) -> View:
+        """What the policy sees: the queue's admission window (a sample entering it counts as waiting
+        from its arrival if it arrived during the latest step, else from now: time spent behind a backlog
+        does not make it older than the samples already in flight), the groups and the audits."""
+        window = []
+        for i, s in enumerate(self._queue):
+            if i == self.admit_window:
+                break
+            if not s.windowed:
+                s.windowed = True
+                s.since = s.submitted if s.submitted >= self._step_started else now
+            window.append(self._waiting(i, s))
+        base = len(self._queue)
+        groups, offset = [], base
+        for group in self._groups:
+            groups.append([self._waiting(offset + j, s) for j, s in enumerate(group)])
+            offset += len(group)
+        audits = [self._waiting(offset + j, s) for j, s in enumerate(self._audits)]
+        return View(now, window, groups, audits)
 
     @staticmethod
-    def _pick_group(groups: list[list[Sample]]) -> int | None:
-        waiting = [(min(s.waiting_since for s in g), k) for k, g in enumerate(groups) if g]
-        return min(waiting)[1] if waiting else None
+    def _waiting(key: int, s: Sample) -> Waiting:
+        return Waiting(key, len(s.encoded), s.submitted, min(s.slo_deadline, s.deadline), s.since, s.next_layer)
 
-    def _cut_batch(self, group: list[Sample]) -> list[Sample]:
-        rows = sorted(group, key=lambda s: len(s.encoded))
-        anchor = min(range(len(rows)), key=lambda i: rows[i].waiting_since)
-        lo = hi = anchor  # the window is rows[lo : hi + 1]
-        while hi - lo + 1 < self.max_batch_size:
-            left = rows[lo - 1] if lo > 0 else None
-            right = rows[hi + 1] if hi + 1 < len(rows) else None
-            if left is None and right is None:
-                break
-            # grow towards the neighbour closer in length (less padding)
-            grow_right = left is None or (
-                right is not None and len(right.encoded) - len(rows[hi].encoded)
-                <= len(rows[lo].encoded) - len(left.encoded)
-            )
-            width = len(rows[hi + 1].encoded) if grow_right else len(rows[hi].encoded)
-            if (hi - lo + 2) * width > self.max_batch_tokens:
-                break
-            lo, hi = (lo, hi + 1) if grow_right else (lo - 1, hi)
-        return rows[lo : hi + 1]
+    def _take(self, step: Step) -> list[Sample]:
+        """Remove the step's samples from where they wait (keys index queue, then groups, then audits)."""
+        places = [self._queue, *self._groups, self._audits]
+        flat = [(place, s) for place in places for s in place]
+        chosen = [flat[key] for key in step.keys]
+        for place, s in chosen:
+            place.remove(s)
+        return [s for _, s in chosen]
 
-    def _step(self, layer: int, batch: list[Sample]) -> None:
-        """Run layer `layer` on a batch of unanswered samples, or (idle time) of answered audits only."""
-        now = time.monotonic()
-        lengths = np.array([len(s.encoded) for s in batch])
-        if layer == 0:
-            for s in batch:
-                s.started = now
-            hidden = self.backend.embed([s.encoded for s in batch])
-            memory = self.criterion.initial_memory(len(batch))
-        else:
-            hidden = self.backend.stack([s.hidden for s in batch])
-            memory = torch.stack([s.memory for s in batch]) if batch[0].memory is not None else None
-        last = layer == self.num_layers - 1
-        thresholds = torch.stack([s.thresholds[layer] for s in batch])
-        traced = any(s.trace is not None or s.audit is not None for s in batch)  # audits record every exit
-        attention = self.backend.attention(lengths)
-        hidden, out = self.backend.layer(layer, hidden, attention, needs_exit(self.criterion, thresholds, last, traced))
-        if out is None:
-            leave, conf = [False] * len(batch), None
-        else:
-            conf, memory = self.criterion.confidence(out.logits, out.lte, memory)
-            leave = exits_now(conf, thresholds, last).tolist()
-
-        auditing = batch[0].answered  # an audit step: every row was answered before
-        audits = AuditReport(layers=len(batch) if auditing else 0)
-        keep = not self._queue and self.audits_pending < self.audit_capacity  # for this step's audited exits
-        goes_on = not last and any(s.answered or not leave[i] or (s.audit is not None and keep)
-                                   for i, s in enumerate(batch))
-        rows = self.backend.rows(hidden, lengths.tolist()) if goes_on else []
-        exited, answers = [], []
-        for i, s in enumerate(batch):
-            if s.trace is not None:
-                value, _, _ = decode(out.logits[i], self.criterion.regression)
-                s.trace.append(LayerTrace(layer + 1, float(conf[i]), value))
-            if s.audit is not None:
-                s.audit.record(out, i)
-            if leave[i] and not s.answered:
-                value, label, probs = decode(out.logits[i], self.criterion.regression)
-                answers.append(Prediction(layer + 1, float(conf[i]), value, label, probs, s.trace))
-                exited.append(s)
-                if s.audit is not None and keep:
-                    s.audit.exit_layer = layer + 1
-                elif s.audit is not None:
-                    s.audit, audits.dropped = None, audits.dropped + 1
-            if s.answered and last:
-                audits.completed.append(s.audit)
-            if last or (leave[i] and not s.answered):
-                s.hidden = s.memory = None  # done: answered, and audited to the end or not audited
-            else:
-                s.hidden = rows[i]
-                s.memory = memory[i] if memory is not None else None
-                s.next_layer = layer + 1
-                s.waiting_since = time.monotonic()
-                (self._audits if s.answered else self._groups)[layer + 1].append(s)
-        # the step is recorded before anyone is answered: a client holding its answer finds it in the metrics
+    def _execute(self, step: Step, batch: list[Sample]) -> None:
+        self._stepping = batch
+        self._step_started = started = time.monotonic()
+        layers = 1 if step.mode == LAYER else self.cost.mean_layers
+        self._step_predicted = self.cost.seconds(sum(len(s.encoded) for s in batch) * layers)
+        for s in batch:
+            if s.started is None:
+                s.started = started
         try:
-            if self.on_step is not None and not auditing:
-                self.on_step(StepStats(layer + 1, len(batch), exited))
-            self._report_audits(audits)
+            outcome = run_step(self.backend, self.criterion, step, batch)
+        except Exception as exc:  # fail this step only; keep serving
+            for sample in batch:
+                sample.resolve(exc)
+            self._drop_audits([s for s in batch if s.audit])
+            return
         finally:
-            for s, answer in zip(exited, answers, strict=True):
-                s.resolve(answer)
+            self._stepping = []
+        seconds = time.monotonic() - started
+        self.cost.observe(outcome.work, seconds, len(outcome.answered), outcome.layers)
+        for s in outcome.waiting:
+            s.since = time.monotonic()
+            self._groups[s.next_layer].append(s)
+        self._finish(step, outcome, seconds)
+
+    def _finish(self, step: Step, outcome: StepOutcome, seconds: float) -> None:
+        """Record the step, keep or drop its audits, then answer (in that order: see the module docstring)."""
+        report = AuditReport(layers=outcome.layers if step.audit else 0)
+        answers: list[Answer] = []
+        if step.audit:
+            report.completed = [a.record for a in outcome.answered if a.record is not None]
+        else:
+            keep = not self._queue and self.audits_pending < self.audit_capacity
+            for a in outcome.answered:
+                answers.append(a)
+                if not a.sample.audit:
+                    continue
+                if a.record is not None:
+                    report.completed.append(a.record)  # answered at the last layer: nothing more to run
+                elif keep:
+                    a.sample.exit_layer = a.prediction.exit_layer
+                    self._audits.append(a.sample)
+                else:
+                    report.dropped += 1
+        try:
+            if self.on_step is not None and not step.audit:
+                self.on_step(StepStats(step.mode, len(outcome.answered) + len(outcome.waiting),
+                                       [a.prediction for a in answers], seconds))
+            self._report_audits(report)
+        finally:
+            for a in answers:
+                a.sample.resolve(a.prediction)
+
+    def _drop_audits(self, samples: list[Sample]) -> None:
+        """Forget the audits of `samples` (shutdown, or a failed step), counted as dropped."""
+        self._report_audits(AuditReport(dropped=len(samples)))
+
+    def _report_audits(self, report: AuditReport) -> None:
+        if self.on_audit is None or not (report.layers or report.completed or report.dropped):
+            return
+        try:
+            self.on_audit(report)
+        except Exception:  # audits are a side measurement: they never fail an answer or the worker
+            log.exception("recording an audit report failed")

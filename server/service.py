@@ -1,15 +1,17 @@
-"""The prediction service: checkpoint + tokenizer + scheduler + metrics, with no HTTP in it.
+"""The prediction service: the served model + tokenizer + scheduler + metrics, with no HTTP in it.
 
 A request goes: `predict` -> admission (QueueFull unless the queue has room for its inputs, counting
-the inputs still being tokenised, so nothing waits unbounded in front of the queue) -> tokenise -> one
-`Sample` per input submitted to the `LayerScheduler` -> await every sample's future (each resolves the
-moment its input exits) -> results in input order plus per-stage timings. The request's deadline runs
-from its arrival. A small request (at most `INLINE_TOKENIZE_CHARS` characters, a few hundred tokens:
-~0.1-0.5 ms) is tokenised on the event loop itself, a larger one in a worker thread: handing a small
-one to a thread and back costs more than tokenising it (two context switches, and more of the loop's
-own time than the tokeniser's), and adds a wait for a free core under load.
-If the request fails or is cancelled (its client went away) while waiting, its other samples are
-cancelled, and the scheduler drops them at the next layer boundary instead of computing them.
+the inputs still being tokenised, so nothing waits unbounded in front of the queue) -> tokenise -> with
+`slo_ms`, a request predicted to miss it is refused (SloUnreachable) -> one `Sample` per input submitted
+to the `Scheduler` -> await every sample's future (each resolves the moment its step answers it) ->
+results in input order plus per-stage timings. The request's deadline runs from its arrival.
+
+A small request (at most `INLINE_TOKENIZE_CHARS` characters, a few hundred tokens: ~0.1-0.5 ms) is
+tokenised on the event loop itself, a larger one in a worker thread: handing a small one to a thread
+and back costs more than tokenising it (two context switches, and more of the loop's own time than
+the tokeniser's), and adds a wait for a free core under load. If the request fails or is cancelled
+(its client went away) while waiting, its other samples are cancelled, and the scheduler drops them
+before their next step instead of computing them.
 A fraction `audit_rate` of inputs is also audited (server/audit.py: the agreement metrics and, with
 `target_agreement`, the autopilot that moves the default threshold requests without one get).
 """
@@ -22,16 +24,17 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from exitserve.models.answers import Prediction
-from exitserve.models.backends import create_backend
-from exitserve.models.checkpoint import Checkpoint, load_checkpoint
-from exitserve.models.encoding import encode
-from exitserve.server.audit import AuditTrace, create_monitor
+from exitserve.models.served import ServedModel, load_served
+from exitserve.server.audit import create_monitor
+from exitserve.server.cost import StepCost
 from exitserve.server.metrics import Metrics
-from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
+from exitserve.server.policy import Limits, make_policy
+from exitserve.server.scheduler import Scheduler, StepStats
 from exitserve.server.settings import Settings
+from exitserve.server.steps import Sample
 
 WARMUP_TEXT = "warming up"
 INLINE_TOKENIZE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop
@@ -66,26 +69,28 @@ class Outcome:
 
 
 class PredictionService:
-    """One loaded model served: the checkpoint, its runtime backend, the scheduler that batches its
-    layers, and the metrics. `predict` is the whole request path below HTTP (see the module docstring);
+    """One loaded model served: its exit config, tokenizer and runtime backend, the scheduler that runs
+    it, and the metrics. `predict` is the whole request path below HTTP (see the module docstring);
     `start`/`stop` bracket the server's life (warm-up before ready, drain on stop)."""
 
-    def __init__(self, checkpoint: Checkpoint, settings: Settings):
-        self.checkpoint, self.settings = checkpoint, settings
-        self.config = checkpoint.exit_config
-        self.tokenizer = checkpoint.tokenizer
+    def __init__(self, model: ServedModel, settings: Settings):
+        self.model, self.settings = model, settings
+        self.config = model.exit_config
+        self.encoder = model.encoder
         self.criterion = self.config.make_criterion(settings.criterion)
-        self.name = checkpoint.path.name
+        self.name = model.path.name
         self.metrics = Metrics(self.name, self.config.num_layers)
-        self.backend = create_backend(checkpoint, settings.runtime, settings.quantize, settings.ort_threads)
+        self.backend = model.backend
         # the checkpoint's threshold for this backend (int8 weights have their own calibration)
         self.calibrated_threshold = self.config.threshold_for(self.backend.calibration_key)
         self.audits = create_monitor(settings, self.config, self.calibrated_threshold, self.criterion,
                                      self.backend.num_outputs, self.metrics.audit)
-        self.scheduler = LayerScheduler(
-            self.backend, self.criterion, max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens, max_queue_size=settings.max_queue_size, on_step=self._on_step,
-            on_audit=self.audits.record,
+        cost = StepCost()
+        slo = settings.slo_ms / 1000 if settings.slo_ms is not None else None
+        self.scheduler = Scheduler(
+            self.backend, self.criterion, make_policy(settings.policy, cost.run_seconds),
+            Limits(settings.max_batch_size, settings.max_batch_tokens), settings.max_queue_size, slo, cost,
+            on_step=self._on_step, on_audit=self.audits.record,
         )
         self.metrics.queue_size.labels(self.name).set_function(lambda: self.scheduler.queue_size)
         self.metrics.audit.default_threshold.set_function(lambda: self.config.thresholds(self.default_threshold)[0])
@@ -96,9 +101,13 @@ class PredictionService:
     @classmethod
     def load(cls, settings: Settings) -> PredictionService:
         """Load and validate the checkpoint (raises CheckpointError with a one-line reason)."""
-        if settings.torch_threads:
+        if settings.runtime == "torch" and settings.torch_threads:
+            import torch
+
             torch.set_num_threads(settings.torch_threads)
-        return cls(load_checkpoint(settings.checkpoint, settings.device), settings)
+        model = load_served(settings.checkpoint, settings.runtime, settings.quantize, settings.ort_threads,
+                            settings.device, settings.criterion, settings.ort_arena)
+        return cls(model, settings)
 
     @property
     def room(self) -> int:
@@ -119,8 +128,8 @@ class PredictionService:
         if self.warming_up:
             return
         self.metrics.batch_size.labels(self.name).observe(stats.batch_size)
-        for _ in stats.exited:
-            self.metrics.observe_exit(stats.layer)
+        for prediction in stats.answered:
+            self.metrics.observe_exit(prediction.exit_layer)
 
     async def start(self) -> None:
         self.scheduler.start()
@@ -164,24 +173,25 @@ class PredictionService:
         self.scheduler.check_room(len(texts), reserved=self.tokenizing)  # 429 before paying for tokenisation
         loop = asyncio.get_running_loop()
         truncate = self.settings.truncate if truncate is None else truncate
-        args = (self.tokenizer, texts, pairs, self.config.max_length, truncate)
+        args = (texts, pairs, truncate)
         if sum(map(len, texts)) + sum(map(len, pairs or ())) <= INLINE_TOKENIZE_CHARS:
-            encoded = encode(*args)
+            encoded = self.encoder.encode(*args)
         else:
             self.tokenizing += len(texts)
             try:
-                encoded = await loop.run_in_executor(None, encode, *args)
+                encoded = await loop.run_in_executor(None, self.encoder.encode, *args)
             finally:
                 self.tokenizing -= len(texts)
         tokenized = time.monotonic()
         self.metrics.tokenization_duration.labels(self.name).observe(tokenized - start)
 
+        self.scheduler.check_slo([len(e) for e in encoded])
         thresholds = self.config.thresholds(self.default_threshold if threshold is None else threshold)
-        per_layer = torch.tensor(thresholds, dtype=torch.float32)
+        per_layer = np.array(thresholds, dtype=np.float32)
         deadline = start + self.settings.request_timeout
         samples = [
-            Sample(e, per_layer, loop.create_future(), loop, deadline, [] if trace else None,
-                   audit=AuditTrace() if not self.warming_up and self.audits.should_audit() else None)
+            Sample(e, per_layer, loop.create_future(), loop, deadline, trace=trace,
+                   audit=not self.warming_up and self.audits.should_audit())
             for e in encoded
         ]
         self.scheduler.submit(samples)
@@ -211,6 +221,7 @@ class PredictionService:
             "default_threshold": self.default_threshold, "calibration": cfg.calibration,
             "backend": {"name": self.backend.name, "quantize": self.backend.quantize,
                         "calibration_key": self.backend.calibration_key},
+            "scheduler": {"policy": self.scheduler.policy.name, "slo_ms": s.slo_ms},
             "backbone": cfg.backbone, "strategy": cfg.strategy, "max_length": cfg.max_length,
             "pair_input": self.pair_input,
             "limits": {

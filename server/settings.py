@@ -23,10 +23,18 @@ class Settings(BaseSettings):
     )
     quantize: Literal["none", "int8"] = Field("none", description="onnxruntime weights: none (fp32) or int8")
     ort_threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: one per core)")
+    ort_arena: bool = Field(True, description="onnxruntime's CPU memory arena: keeps the largest batch's buffers "
+                            "for reuse (false: each run's buffers go back to the allocator)")
     torch_threads: int | None = Field(None, description="intra-op threads (default: torch's choice)")
     criterion: str | None = Field(None, description="override the checkpoint's exit criterion")
-    max_batch_size: int = Field(32, ge=1, description="rows per layer step")
-    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per layer step")
+    policy: Literal["fcfs", "edf", "slo", "layered", "oldest"] = Field(
+        "fcfs", description="scheduling policy (server/policy.py): fcfs, edf, slo run each batch to its exits; "
+        "layered, oldest re-batch between layers"
+    )
+    slo_ms: float | None = Field(None, gt=0, description="latency objective: a request predicted to be answered "
+                                 "later is refused at once (429, Retry-After); deadline-aware policies order by it")
+    max_batch_size: int = Field(32, ge=1, description="rows per step")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per step")
     max_queue_size: int = Field(512, ge=1, description="inputs waiting to start; beyond: 429")
     max_inputs_per_request: int = Field(64, ge=1)
     max_chars: int = Field(20000, ge=1, description="characters per text")

@@ -10,12 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    CamembertConfig,
+    DistilBertConfig,
+    MPNetConfig,
+    RobertaConfig,
+    XLMRobertaConfig,
+)
 
 from exitserve.models.backbones import resolve_backbone
-from exitserve.models.backends import BACKENDS, Backend, TorchBackend, create_backend
-from exitserve.models.checkpoint import ExitConfig, load_checkpoint, save_checkpoint
+from exitserve.models.backends import BACKENDS, Backend, create_backend
+from exitserve.models.backends.torch_backend import TorchBackend
+from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
 from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.exit_config import ExitConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GLUE = FIXTURES / "glue"
@@ -50,6 +61,20 @@ def tiny_backbone(tmp_path_factory, tokenizer) -> str:
 
 
 PAD_ID = 0  # the MiniLM tokenizer's [PAD]
+
+# a tiny random model of every supported family (the ONNX graphs are tested on each)
+SIZE = dict(hidden_size=64, num_hidden_layers=TINY_LAYERS, num_attention_heads=4, intermediate_size=128,
+            vocab_size=30522)  # the test tokenizer's (the load check compares them)
+FAMILIES = {
+    "bert": BertConfig(**SIZE, max_position_embeddings=128),
+    "bert-gelu-tanh": BertConfig(**SIZE, max_position_embeddings=128, hidden_act="gelu_new"),
+    "roberta": RobertaConfig(**SIZE, max_position_embeddings=132),
+    "xlm-roberta": XLMRobertaConfig(**SIZE, max_position_embeddings=132),
+    "camembert": CamembertConfig(**SIZE, max_position_embeddings=132),
+    "distilbert": DistilBertConfig(dim=64, n_layers=TINY_LAYERS, n_heads=4, hidden_dim=128, vocab_size=30522),
+    "mpnet": MPNetConfig(**SIZE, max_position_embeddings=132),
+}
+
 
 
 def torch_backend(model: EarlyExitModel) -> TorchBackend:

@@ -1,56 +1,74 @@
-"""The ONNX Runtime backend: the same early-exit model as one ORT session per graph (onnx_graphs.py),
-found or built by onnx_store.py. Hidden states are numpy arrays `[B, S, H]` float32.
+"""The ONNX Runtime backend: the early-exit model as ONNX graphs (onnx_graphs.py, onnx_compose.py) found
+or built by onnx_store.py. Hidden states are numpy arrays `[B, S, H]` float32. Serving on it needs
+neither torch nor transformers: the graphs carry the weights.
 
-Threads: every ORT session owns an intra-op thread pool whose threads, by default, spin after each run;
-with one session per layer those spinning pools fight over the cores (the split ran 2x slower than the
-whole-model graph on 2 cores, ../shared/reference/runtime.md). So the layer sessions never spin
-(`session.intra_op.allow_spinning=0`) and use `threads` intra-op threads (None: ORT's choice, one per
-physical core), and the small embedding and exit sessions run on the calling thread alone.
+`run` (a batch, each row to its exit) is ONE `session.run` of the composed graph, whose `If` nodes
+decide the exits inside ONNX Runtime; it is built for the checkpoint's criterion (another criterion is
+composed in memory at start). The layer-level calls (`embed`, `layer`, ...) run the per-layer graphs,
+whose sessions are only opened when first used (a server that never re-batches between layers never
+holds their weights).
+
+Threads: every session shares ONE process-wide intra-op thread pool (`threads` threads: ORT's default
+is one per physical core), created with the first session. Per-session pools were measured to fight:
+seven spinning pools on 2 cores ran 1.6x slower than one, and non-spinning ones wake their threads for
+every op (../shared/reference/runtime.md). Memory: the CPU arena grows to the largest batch seen and
+keeps it; `arena=False` returns each run's buffers to the allocator instead (jemalloc then gives them
+back to the system).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
-from exitserve.models.backends.base import Backend, ExitOutput
-from exitserve.models.backends.onnx_store import MANIFEST, ensure_graphs
-from exitserve.models.checkpoint import Checkpoint
-from exitserve.models.encoding import Encoded, attention_mask, pad_tokens
+from exitserve.models.backends.base import Backend, BatchResult, ExitOutput
+from exitserve.models.backends.onnx_store import COMPOSED, MANIFEST, compose_stored, save_composed
+from exitserve.models.criteria import ExitCriterion
+from exitserve.models.encoding import Encoded, mean_pool_weights, pad_tokens
+
+log = logging.getLogger("exitserve")
+
+_pool: dict[str, int | None] = {}  # the process-wide pool, once created: {"threads": n}
+
+
+def _shared_pool(threads: int | None) -> bool:
+    """Create the process-wide intra-op pool on first call; True when sessions can use it with `threads`."""
+    if not _pool:
+        try:
+            ort.capi._pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+        except RuntimeError as exc:  # an ORT environment exists already (sessions made elsewhere first)
+            log.warning("onnxruntime: no process-wide thread pool (%s); each session gets its own", exc)
+            _pool["threads"] = -1
+            return False
+        _pool["threads"] = threads
+    return _pool["threads"] == threads
+
+
+def session(model: Path, threads: int | None = None, arena: bool = True) -> ort.InferenceSession:
+    """A CPU session on the process-wide pool (its own pool only when that pool has another size)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = arena
+    if _shared_pool(threads):
+        options.use_per_session_threads = False
+    else:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
 class OnnxAttention:
     lengths: np.ndarray  # [B] int32: the fused Attention's mask_index (right padding)
     pool: np.ndarray  # [B, 1, S] float32: 1/length on real tokens, what mean-pooling exits multiply by
-    position_bias: np.ndarray | None  # MPNet: [1, N, S, S]
-
-
-def _session(path: Path, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def mpnet_position_bias(checkpoint: Checkpoint) -> np.ndarray | None:
-    """MPNet's relative position bias for the widest batch, `[N, P, P]` (P = max_length): a batch of
-    width S uses its top-left S x S block (the bias depends only on the distance between positions)."""
-    model = checkpoint.model
-    if model.stepper.family != "mpnet":
-        return None
-    width = checkpoint.exit_config.max_length
-    with torch.inference_mode():
-        bias = model.encoder.encoder.compute_position_bias(torch.zeros(1, width, 1))
-    return bias[0].float().numpy().copy()
 
 
 class OnnxBackend(Backend):
@@ -58,60 +76,86 @@ class OnnxBackend(Backend):
     device = "cpu"
 
     def __init__(
-        self, directory: Path, pad_id: int, position_bias: np.ndarray | None = None, threads: int | None = None,
-        quantize: str = "none",
+        self, directory: Path, pad_id: int, criterion: ExitCriterion, threads: int | None = None,
+        quantize: str = "none", arena: bool = True,
     ):
         manifest = json.loads((directory / MANIFEST).read_text())
         self.directory, self.pad_id, self.quantize = directory, pad_id, quantize
-        self.num_layers = manifest["exit_config"]["num_layers"]
-        self.num_outputs = manifest["exit_config"]["num_outputs"]
+        self.threads, self.arena = threads, arena
+        stored = manifest["exit_config"]
+        self.num_layers, self.num_outputs = stored["num_layers"], stored["num_outputs"]
+        self.max_length = stored["max_length"]
         self.calibration_key = None if quantize == "none" else f"{self.name}-{quantize}"
-        self.position_bias = position_bias
-        self.embeddings = _session(directory / "embeddings.onnx", 1)
-        self.layers = [_session(directory / f"layer_{k:02d}.onnx", threads) for k in range(self.num_layers)]
-        self.exits = [_session(directory / f"exit_{k:02d}.onnx", 1) for k in range(self.num_layers)]
-        self.with_types = any(i.name == "token_type_ids" for i in self.embeddings.get_inputs())
-        self.pooled = [any(i.name == "pool" for i in s.get_inputs()) for s in self.exits]
-        self.has_lte = [len(s.get_outputs()) > 1 for s in self.exits]
+        self.criterion = criterion
+        if (criterion.name, criterion.delta) == (stored["criterion"], stored["patience_delta"]):
+            self.composed = session(directory / COMPOSED, threads, arena)
+        else:  # a criterion other than the checkpoint's (the `criterion` setting): composed now, not stored
+            log.info("composing the early-exit graph for criterion %s", criterion.name)
+            with tempfile.TemporaryDirectory() as scratch:
+                self.composed = session(save_composed(compose_stored(directory, criterion, self.num_outputs),
+                                                      Path(scratch)), threads, arena)
+        self.inputs = {i.name for i in self.composed.get_inputs()}
+        self.outputs = [o.name for o in self.composed.get_outputs()]
+        self._layer_sessions: tuple | None = None
 
-    @classmethod
-    def for_checkpoint(cls, checkpoint: Checkpoint, quantize: str = "none", threads: int | None = None) -> OnnxBackend:
-        """The checkpoint's graphs (found valid, else built and cached: see onnx_store.ensure_graphs)."""
-        directory = ensure_graphs(checkpoint, quantize)
-        return cls(directory, checkpoint.tokenizer.pad_token_id, mpnet_position_bias(checkpoint), threads, quantize)
-
-    def embed(self, samples: Sequence[Encoded]) -> np.ndarray:
+    def run(
+        self, samples: Sequence[Encoded], thresholds: np.ndarray, criterion: ExitCriterion, trace: bool = False
+    ) -> BatchResult:
+        if criterion != self.criterion:
+            return super().run(samples, thresholds, criterion, trace)
         tokens = pad_tokens(samples, self.pad_id)
-        feeds = {"input_ids": tokens.input_ids}
-        if self.with_types:
+        self._check_width(int(tokens.lengths.max()))
+        feeds = {"input_ids": tokens.input_ids, "lengths": tokens.lengths.astype(np.int32),
+                 "thresholds": np.ascontiguousarray(thresholds, dtype=np.float32)}
+        if "token_type_ids" in self.inputs:
             types = tokens.token_type_ids
             feeds["token_type_ids"] = types if types is not None else np.zeros_like(tokens.input_ids)
-        return self.embeddings.run(None, feeds)[0]
+        out = dict(zip(self.outputs, self.composed.run(None, feeds), strict=True))
+        return BatchResult(out["logits"], out["confidence"], out["exit_layer"], out["trace_confidence"],
+                           out["trace_logits"], out.get("trace_lte"))
+
+    # ---- the layer-level calls: the per-layer graphs, opened on first use ------------------------
+    def _sessions(self) -> tuple:
+        if self._layer_sessions is None:
+            open_ = lambda name: session(self.directory / name, self.threads, self.arena)  # noqa: E731
+            embeddings = open_("embeddings.onnx")
+            exits = [open_(f"exit_{k:02d}.onnx") for k in range(self.num_layers)]
+            self._layer_sessions = (
+                embeddings, [open_(f"layer_{k:02d}.onnx") for k in range(self.num_layers)], exits,
+                any(i.name == "token_type_ids" for i in embeddings.get_inputs()),
+                [any(i.name == "pool" for i in s.get_inputs()) for s in exits],
+                [len(s.get_outputs()) > 1 for s in exits],
+            )
+        return self._layer_sessions
+
+    def embed(self, samples: Sequence[Encoded]) -> np.ndarray:
+        embeddings, _, _, with_types, _, _ = self._sessions()
+        tokens = pad_tokens(samples, self.pad_id)
+        feeds = {"input_ids": tokens.input_ids}
+        if with_types:
+            types = tokens.token_type_ids
+            feeds["token_type_ids"] = types if types is not None else np.zeros_like(tokens.input_ids)
+        return embeddings.run(None, feeds)[0]
+
+    def _check_width(self, width: int) -> None:
+        if width > self.max_length:  # the graphs hold position data (MPNet's bias) for max_length tokens only
+            raise ValueError(f"a batch of {width} tokens is wider than the model's {self.max_length}")
 
     def attention(self, lengths: np.ndarray) -> OnnxAttention:
         lengths = np.asarray(lengths)
-        width = int(lengths.max())
-        pool = (attention_mask(lengths, width) / lengths[:, None]).astype(np.float32)[:, None, :]
-        bias = None
-        if self.position_bias is not None:
-            if width > self.position_bias.shape[-1]:
-                raise ValueError(f"a batch of {width} tokens is wider than the model's {self.position_bias.shape[-1]}")
-            bias = np.ascontiguousarray(self.position_bias[None, :, :width, :width])
-        return OnnxAttention(lengths.astype(np.int32), pool, bias)
+        self._check_width(int(lengths.max()))
+        return OnnxAttention(lengths.astype(np.int32), mean_pool_weights(lengths, int(lengths.max())))
 
     def layer(
         self, index: int, hidden: np.ndarray, attention: OnnxAttention, need_exit: bool = True
     ) -> tuple[np.ndarray, ExitOutput | None]:
-        feeds = {"hidden_in": hidden, "lengths": attention.lengths}
-        if attention.position_bias is not None:
-            feeds["position_bias"] = attention.position_bias
-        hidden = self.layers[index].run(None, feeds)[0]
+        _, layers, exits, _, pooled, has_lte = self._sessions()
+        hidden = layers[index].run(None, {"hidden_in": hidden, "lengths": attention.lengths})[0]
         if not need_exit:
             return hidden, None
-        exit_feeds = {"hidden": hidden, "pool": attention.pool} if self.pooled[index] else {"hidden": hidden}
-        outputs = self.exits[index].run(None, exit_feeds)
-        lte = torch.from_numpy(outputs[1]) if self.has_lte[index] else None
-        return hidden, ExitOutput(torch.from_numpy(outputs[0]), lte)
+        exit_feeds = {"hidden": hidden, "pool": attention.pool} if pooled[index] else {"hidden": hidden}
+        outputs = exits[index].run(None, exit_feeds)
+        return hidden, ExitOutput(outputs[0], outputs[1] if has_lte[index] else None)
 
     def select(self, hidden: np.ndarray, keep: np.ndarray, width: int) -> np.ndarray:
         return np.ascontiguousarray(hidden[np.asarray(keep), :width])

@@ -17,14 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from exitserve.models.backends.onnx_store import UnsupportedModel
 from exitserve.models.early_exit import EarlyExitModel
 
 # Hugging Face activation name -> the fused ORT op that computes act(x + bias)
 ACTIVATIONS = {"gelu": "BiasGelu", "gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu"}
-
-
-class UnsupportedModel(ValueError):
-    """The model cannot be written as exitserve's ONNX graphs; the message says why."""
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -94,7 +91,9 @@ class ModelWeights:
     embeddings: EmbeddingWeights
     layers: list[LayerWeights]
     exits: list[ExitWeights]
-    relative_bias: np.ndarray | None  # MPNet: [buckets, heads]
+    # MPNet: the relative position bias for the widest batch, [N, P, P] (P = the checkpoint's max_length): a
+    # batch of width S uses its top-left S x S block (the bias depends only on the distance between positions)
+    position_bias: np.ndarray | None
 
 
 def _qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +153,16 @@ def check_exportable(model: EarlyExitModel) -> None:
         raise UnsupportedModel("decoder (causal) configurations are not supported")
 
 
-def model_weights(model: EarlyExitModel) -> ModelWeights:
-    """The neutral weights of `model` (raises UnsupportedModel, see check_exportable)."""
+def _position_bias(model: EarlyExitModel, width: int) -> np.ndarray | None:
+    if model.stepper.family != "mpnet":
+        return None
+    with torch.inference_mode():
+        return _np(model.encoder.encoder.compute_position_bias(torch.zeros(1, width, 1))[0])
+
+
+def model_weights(model: EarlyExitModel, max_length: int) -> ModelWeights:
+    """The neutral weights of `model`, for inputs of up to `max_length` tokens (raises UnsupportedModel,
+    see check_exportable)."""
     check_exportable(model)
     family, encoder, config = model.stepper.family, model.encoder, model.config
     layer_of = {"distilbert": _distilbert_layer, "mpnet": _mpnet_layer}.get(family, _bert_layer)
@@ -164,9 +171,9 @@ def model_weights(model: EarlyExitModel) -> ModelWeights:
     lte = _linear(model.lte) if model.lte is not None else (None, None)
     exits = [ExitWeights(head.pooling, *_linear(head.pooler), *_linear(head.classifier), *lte, head.activation)
              for head in model.heads]
-    relative = _np(encoder.encoder.relative_attention_bias.weight) if family == "mpnet" else None
     return ModelWeights(
         family=family, hidden=hidden, heads=heads, activation=_activation(family, config),
         embeddings=_embeddings(family, encoder.embeddings),
-        layers=[layer_of(block) for block in model.stepper.layers], exits=exits, relative_bias=relative,
+        layers=[layer_of(block) for block in model.stepper.layers], exits=exits,
+        position_bias=_position_bias(model, max_length),
     )

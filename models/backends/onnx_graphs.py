@@ -7,10 +7,10 @@ graph directly uses exactly the kernels the optimiser would pick for a whole BER
 padding mask in the form the fused op takes:
 
   embeddings:  input_ids [B, S] (+ token_type_ids) -> Gather words + positions (+ types) -> LayerNorm
-  layer k:     hidden [B, S, H], lengths [B] int32 (+ MPNet's position bias [1, N, S, S]) ->
+  layer k:     hidden [B, S, H], lengths [B] int32 ->
                Attention (com.microsoft; mask_index = each row's length: right padding, keys past it
-               are masked) -> MatMul -> SkipLayerNormalization -> MatMul -> BiasGelu|FastGelu ->
-               MatMul -> SkipLayerNormalization -> hidden
+               are masked; MPNet: + its relative position bias, a constant sliced to S x S) -> MatMul ->
+               SkipLayerNormalization -> MatMul -> BiasGelu|FastGelu -> MatMul -> SkipLayerNormalization
   exit k:      hidden, pool [B, 1, S] (1/length on real tokens, 0 on padding) -> mean (MatMul) or
                first token -> dense + tanh (relu) -> classifier: logits [B, C] (+ LTE: sigmoid -> [B])
 
@@ -86,16 +86,22 @@ def embeddings_graph(w: EmbeddingWeights) -> onnx.ModelProto:
     return g.model(inputs, [_tensor("hidden", TensorProto.FLOAT, ["B", "S", w.words.shape[1]])])
 
 
-def layer_graph(w: LayerWeights, heads: int, activation: str, position_bias: bool) -> onnx.ModelProto:
-    """hidden [B, S, H], lengths [B] int32 (+ position_bias [1, N, S, S]) -> hidden [B, S, H]."""
+def layer_graph(
+    w: LayerWeights, heads: int, activation: str, position_bias: np.ndarray | None = None
+) -> onnx.ModelProto:
+    """hidden [B, S, H], lengths [B] int32 -> hidden [B, S, H]. `position_bias` [N, P, P]: MPNet's relative
+    position bias for inputs of up to P tokens (added to the attention scores)."""
     g = _Graph("layer")
     hidden_size = w.out.shape[0]
     inputs = [_tensor("hidden_in", TensorProto.FLOAT, ["B", "S", hidden_size]),
               _tensor("lengths", TensorProto.INT32, ["B"])]
     attention_inputs = ["hidden_in", g.const("qkv_weight", w.qkv), g.const("qkv_bias", w.qkv_bias), "lengths"]
-    if position_bias:
-        inputs.append(_tensor("position_bias", TensorProto.FLOAT, [1, heads, "S", "S"]))
-        attention_inputs += ["", "position_bias"]  # no past state; attention_bias is input 5
+    if position_bias is not None:  # its top-left S x S block: the bias depends only on the distance
+        width = g.op("Shape", ["hidden_in"], "width", start=1, end=2)
+        zeros, axes = g.const("bias_start", np.array([0, 0])), g.const("bias_axes", np.array([2, 3]))
+        bias = g.op("Slice", [g.const("position_bias", position_bias[None]), zeros,
+                              g.op("Concat", [width, width], "bias_end", axis=0), axes], "bias")
+        attention_inputs += ["", bias]  # no past state; attention_bias is input 5
     context = g.op("Attention", attention_inputs, "context", domain=MS_DOMAIN, num_heads=heads)
     projected = g.op("MatMul", [context, g.const("out_weight", w.out)], "attention_out")
     h1 = g.op("SkipLayerNormalization",

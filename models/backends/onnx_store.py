@@ -4,7 +4,9 @@
       manifest.json                     format, variant, the checkpoint's weights and config sha256, the
                                         exit-config fields the graphs depend on, opset, onnx and
                                         onnxruntime versions, and every graph file's sha256
-      embeddings.onnx  layer_00.onnx ... exit_00.onnx ...
+      embeddings.onnx  layer_00.onnx ... exit_00.onnx ...     the layer-level graphs (onnx_graphs.py)
+      early_exit.onnx                   the whole model with the exit decision inside, for the
+                                        checkpoint's criterion (onnx_compose.py)
 
 When the checkpoint directory is not writable the same tree goes to
 `$EXITSERVE_CACHE/onnx/<weights sha256[:16]>/<variant>/` (default cache: ~/.cache/exitserve).
@@ -12,8 +14,9 @@ When the checkpoint directory is not writable the same tree goes to
 `ensure_graphs` returns a directory whose manifest matches the checkpoint and whose files all hash to
 what the manifest says; anything else (missing, stale, truncated, from another onnxruntime) is
 rebuilt, into a temporary directory renamed into place, so a reader never sees a half-written export.
-When no location is writable it raises `OnnxStoreError` with a one-line reason: a bad export is never
-served.
+Only building needs the torch model (`load_model`, called then and only then): a server whose graphs
+are in place never imports torch. When no location is writable it raises `OnnxStoreError` with a
+one-line reason: a bad export is never served.
 """
 
 from __future__ import annotations
@@ -24,22 +27,37 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 import onnxruntime
 
-from exitserve.models.backbones import cache_dir
 from exitserve.models.backends.base import QUANTIZATIONS
-from exitserve.models.backends.onnx_families import model_weights
-from exitserve.models.backends.onnx_graphs import OPSET, embeddings_graph, exit_graph, layer_graph
-from exitserve.models.checkpoint import WEIGHTS, Checkpoint
+from exitserve.models.cache import cache_dir
+from exitserve.models.exit_config import WEIGHTS, ExitConfig
+
+if TYPE_CHECKING:  # building imports onnx and the torch model; serving from a valid store imports neither
+    from exitserve.models.early_exit import EarlyExitModel
+
+ModelLoader = Callable[[], "EarlyExitModel"]
 
 log = logging.getLogger("exitserve")
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
+COMPOSED = "early_exit.onnx"
+# The composed graph's weights live beside it, as ONNX external data: ORT then loads them straight into its
+# tensors. Kept inside the graph file, the `If` bodies holding them stay in memory as well (measured: the
+# session took 2.7x the weights' size, 1.0x from external data).
+COMPOSED_WEIGHTS = "early_exit.data"
+OPSET = 17  # onnx_graphs.OPSET (recorded in the manifest)
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot be written as exitserve's ONNX graphs (onnx_families.check_exportable); the message
+    says why (the caller serves it on torch instead)."""
 
 
 class OnnxStoreError(RuntimeError):
@@ -69,21 +87,25 @@ class Source:
     exit_config: dict
 
     @classmethod
-    def of(cls, checkpoint: Checkpoint) -> Source:
-        cfg = checkpoint.exit_config
+    def of(cls, directory: Path, cfg: ExitConfig) -> Source:
         fields = {"num_layers": cfg.num_layers, "num_outputs": cfg.num_outputs, "use_lte": cfg.use_lte,
-                  "pooling": cfg.pooling, "final_activation": cfg.final_activation}
-        return cls(_sha256(checkpoint.path / WEIGHTS), _sha256(checkpoint.path / "config.json"), fields)
+                  "pooling": cfg.pooling, "final_activation": cfg.final_activation, "max_length": cfg.max_length,
+                  "criterion": cfg.criterion, "regression": cfg.regression, "patience_delta": cfg.patience_delta}
+        return cls(_sha256(directory / WEIGHTS), _sha256(directory / "config.json"), fields)
 
 
-def graph_files(num_layers: int) -> list[str]:
+def layer_files(num_layers: int) -> list[str]:
     return ["embeddings.onnx", *(f"layer_{k:02d}.onnx" for k in range(num_layers)),
             *(f"exit_{k:02d}.onnx" for k in range(num_layers))]
 
 
-def candidates(checkpoint: Checkpoint, source: Source, variant: str) -> list[Path]:
+def graph_files(num_layers: int) -> list[str]:
+    return [*layer_files(num_layers), COMPOSED, COMPOSED_WEIGHTS]
+
+
+def candidates(directory: Path, source: Source, variant: str) -> list[Path]:
     """Where the graphs may live, in the order they are looked for (and built)."""
-    return [checkpoint.path / "onnx" / variant, cache_dir() / "onnx" / source.weights_sha256[:16] / variant]
+    return [directory / "onnx" / variant, cache_dir() / "onnx" / source.weights_sha256[:16] / variant]
 
 
 def problem(directory: Path, source: Source, variant: str) -> str | None:
@@ -113,8 +135,9 @@ def problem(directory: Path, source: Source, variant: str) -> str | None:
     return None
 
 
-def _quantize(fp32: onnx.ModelProto, target: Path) -> None:
+def _quantize(fp32, target: Path) -> None:
     """Dynamic int8 weights (activations quantised per call): MatMul and the fused Attention."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.disable(logging.WARNING)  # the quantiser logs a dozen generic lines per graph to the root logger
@@ -125,21 +148,30 @@ def _quantize(fp32: onnx.ModelProto, target: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
-def build(checkpoint: Checkpoint, source: Source, variant: str, target: Path) -> None:
+def build(model: EarlyExitModel, source: Source, variant: str, target: Path) -> None:
     """Write the graphs and their manifest into `target` (replaced whole, never left half-written)."""
-    weights = model_weights(checkpoint.model)
+    import onnx
+
+    from exitserve.models.backends.onnx_families import model_weights
+    from exitserve.models.backends.onnx_graphs import embeddings_graph, exit_graph, layer_graph
+    from exitserve.models.criteria import ExitCriterion
+
+    cfg = source.exit_config
+    weights = model_weights(model, cfg["max_length"])
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would hide an image's build-time export from its non-root user
     try:
         onnx.save(embeddings_graph(weights.embeddings), work / "embeddings.onnx")
         for k, layer in enumerate(weights.layers):
-            graph = layer_graph(layer, weights.heads, weights.activation, weights.relative_bias is not None)
+            graph = layer_graph(layer, weights.heads, weights.activation, weights.position_bias)
             if variant == "int8":
                 _quantize(graph, work / f"layer_{k:02d}.onnx")
             else:
                 onnx.save(graph, work / f"layer_{k:02d}.onnx")
             onnx.save(exit_graph(weights.exits[k]), work / f"exit_{k:02d}.onnx")  # exits stay fp32: tiny
+        criterion = ExitCriterion(cfg["criterion"], cfg["num_layers"], cfg["regression"], cfg["patience_delta"])
+        save_composed(compose_stored(work, criterion, cfg["num_outputs"]), work)
         names = graph_files(len(weights.layers))
         manifest = {
             "format": FORMAT, "variant": variant, "weights_sha256": source.weights_sha256,
@@ -174,9 +206,31 @@ def _writable(directory: Path) -> bool:
     return True
 
 
-def _build_checked(checkpoint: Checkpoint, source: Source, variant: str, directory: Path, why: str) -> Path:
+def compose_stored(directory: Path, criterion, num_outputs: int):
+    """The composed early-exit graph for `criterion` (onnx_compose.py), from the layer-level graphs in
+    `directory` (no torch: the weights are read out of those graphs)."""
+    import onnx
+
+    from exitserve.models.backends.onnx_compose import compose
+
+    num_layers = criterion.num_layers
+    load = lambda name: onnx.load(directory / name)  # noqa: E731
+    return compose(load("embeddings.onnx"), [load(f"layer_{k:02d}.onnx") for k in range(num_layers)],
+                   [load(f"exit_{k:02d}.onnx") for k in range(num_layers)], criterion, num_outputs)
+
+
+def save_composed(model, directory: Path) -> Path:
+    """Write a composed graph into `directory` (COMPOSED, its weights in COMPOSED_WEIGHTS); returns its path."""
+    import onnx
+
+    onnx.save(model, directory / COMPOSED, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=COMPOSED_WEIGHTS, size_threshold=1024)
+    return directory / COMPOSED
+
+
+def _build_checked(load_model: ModelLoader, source: Source, variant: str, directory: Path, why: str) -> Path:
     log.info("building the ONNX Runtime graphs (%s) in %s: %s", variant, directory, why)
-    build(checkpoint, source, variant, directory)
+    build(load_model(), source, variant, directory)
     still = problem(directory, source, variant)
     if still is not None:
         raise OnnxStoreError(f"the ONNX graphs just built in {directory} do not check out: {still}")
@@ -188,11 +242,12 @@ def _nowhere(places: list[Path]) -> OnnxStoreError:
                           "(set EXITSERVE_CACHE to a writable directory, or use backend=torch)")
 
 
-def ensure_graphs(checkpoint: Checkpoint, quantize: str = "none") -> Path:
-    """A valid graph directory for the checkpoint (what `serve` uses): the first valid one among the
-    checkpoint's and the cache's, else one built (and logged) in the first writable of them."""
-    variant, source = variant_name(quantize), Source.of(checkpoint)
-    places = candidates(checkpoint, source, variant)
+def ensure_graphs(directory: Path, exit_config: ExitConfig, load_model: ModelLoader, quantize: str = "none") -> Path:
+    """A valid graph directory for the checkpoint in `directory` (what `serve` uses): the first valid one
+    among the checkpoint's and the cache's, else one built (and logged) in the first writable of them,
+    from the torch model `load_model` returns."""
+    variant, source = variant_name(quantize), Source.of(directory, exit_config)
+    places = candidates(directory, source, variant)
     reasons = []
     for directory in places:
         why = problem(directory, source, variant)
@@ -201,19 +256,20 @@ def ensure_graphs(checkpoint: Checkpoint, quantize: str = "none") -> Path:
         reasons.append(f"{directory}: {why}")
     for directory in places:
         if _writable(directory):
-            return _build_checked(checkpoint, source, variant, directory, "; ".join(reasons))
+            return _build_checked(load_model, source, variant, directory, "; ".join(reasons))
     raise _nowhere(places)
 
 
-def export_graphs(checkpoint: Checkpoint, quantize: str = "none") -> tuple[Path, bool]:
+def export_graphs(directory: Path, exit_config: ExitConfig, load_model: ModelLoader,
+                  quantize: str = "none") -> tuple[Path, bool]:
     """`exitserve export-onnx`: a valid export in the checkpoint, or in the cache when the checkpoint is
     not writable; returns where, and whether it was (re)built."""
-    variant, source = variant_name(quantize), Source.of(checkpoint)
-    places = candidates(checkpoint, source, variant)
-    for directory in places:
-        if _writable(directory):
-            why = problem(directory, source, variant)
+    variant, source = variant_name(quantize), Source.of(directory, exit_config)
+    places = candidates(directory, source, variant)
+    for place in places:
+        if _writable(place):
+            why = problem(place, source, variant)
             if why is None:
-                return directory, False
-            return _build_checked(checkpoint, source, variant, directory, why), True
+                return place, False
+            return _build_checked(load_model, source, variant, place, why), True
     raise _nowhere(places)

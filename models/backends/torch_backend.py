@@ -57,7 +57,7 @@ class TorchBackend(Backend):
         if not need_exit:
             return hidden, None
         logits, lte = self.model.exit_outputs(index, hidden, attention.mask)
-        return hidden, ExitOutput(logits.float().cpu(), lte.float().cpu() if lte is not None else None)
+        return hidden, ExitOutput(logits.float().cpu().numpy(), lte.float().cpu().numpy() if lte is not None else None)
 
     def select(self, hidden: torch.Tensor, keep: np.ndarray, width: int) -> torch.Tensor:
         return hidden[torch.from_numpy(np.asarray(keep)).to(self.device), :width]

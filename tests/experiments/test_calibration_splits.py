@@ -7,7 +7,7 @@ import shutil
 
 from exitserve.cli import main as exitserve
 from exitserve.experiments.calibration_splits import main
-from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.exit_config import ExitConfig
 from tests.conftest import GLUE
 
 SST2 = str(GLUE / "SST-2")

@@ -11,8 +11,9 @@ import pytest
 
 from exitserve.cli import main
 from exitserve.models.calibration import RiskMethod, choose_threshold, load_rows, record_rows, split
-from exitserve.models.checkpoint import ExitConfig, load_checkpoint
+from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.data import load_examples
+from exitserve.models.exit_config import ExitConfig
 from exitserve.models.holdout import calibration_rows, fingerprint, split_rows
 from tests.conftest import GLUE, TINY_LAYERS
 

@@ -19,8 +19,8 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
-from exitserve.models.backbones import max_tokens
-from exitserve.models.checkpoint import CheckpointError, check_tokenizer, load_checkpoint, save_checkpoint
+from exitserve.models.checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+from exitserve.models.exit_config import CheckpointError, max_tokens
 from exitserve.server.settings import DEFAULT_MODEL
 from tests.conftest import make_exit_config, make_model
 
@@ -191,11 +191,11 @@ def test_max_length_beyond_the_position_embeddings_is_refused(ckpt_dir):
 
 
 def test_usable_positions_per_family():
-    assert max_tokens(BertConfig(max_position_embeddings=512)) == 512
-    assert max_tokens(DistilBertConfig(max_position_embeddings=512)) == 512
+    assert max_tokens(BertConfig(max_position_embeddings=512).to_dict()) == 512
+    assert max_tokens(DistilBertConfig(max_position_embeddings=512).to_dict()) == 512
     # RoBERTa and MPNet number positions from padding_idx + 1: 514 embeddings hold 512 tokens
-    assert max_tokens(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
-    assert max_tokens(MPNetConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert max_tokens(RobertaConfig(max_position_embeddings=514, pad_token_id=1).to_dict()) == 512
+    assert max_tokens(MPNetConfig(max_position_embeddings=514, pad_token_id=1).to_dict()) == 512
 
 
 def test_a_few_token_vocabulary_in_place_of_the_tokenizer_is_refused(ckpt_dir):
@@ -230,12 +230,13 @@ def test_every_family_s_tokenizer_passes_the_tokenizer_check(tokenizer, tmp_path
 
 def test_a_tokenizer_without_the_model_s_special_tokens_is_refused(tmp_path):
     roberta = roberta_tokenizer(tmp_path)
-    plain = PreTrainedTokenizerFast(tokenizer_object=roberta.backend_tokenizer, unk_token="<unk>", pad_token="<pad>")
-    with pytest.raises(CheckpointError, match="no cls_token, sep_token"):
+    plain = PreTrainedTokenizerFast(tokenizer_object=roberta.backend_tokenizer, unk_token="<unk>")
+    with pytest.raises(CheckpointError, match="no pad_token"):
         check_tokenizer(plain, RobertaConfig(vocab_size=len(plain)))
+    plain.add_special_tokens({"pad_token": "<pad>", "cls_token": "<s>", "sep_token": "</s>"})
+    check_tokenizer(plain, RobertaConfig(vocab_size=len(plain)))  # its post-processor wraps inputs in <s> </s>
     plain.backend_tokenizer.post_processor = None  # knows the tokens but does not put them around inputs
-    plain.add_special_tokens({"cls_token": "<s>", "sep_token": "</s>"})
-    with pytest.raises(CheckpointError, match="does not put <s> and </s> around an input"):
+    with pytest.raises(CheckpointError, match=r"special tokens around an input \(it encodes 'the' as \['t'"):
         check_tokenizer(plain, RobertaConfig(vocab_size=len(plain)))
 
 

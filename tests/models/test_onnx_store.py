@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 
 from exitserve.cli import main
@@ -33,16 +34,20 @@ def final_logits(directory, tokenizer, sst2_texts):
             record_all_layers(create_backend(ckpt, "torch"), samples).logits)
 
 
+def ensure(ckpt, quantize="none"):
+    return ensure_graphs(ckpt.path, ckpt.exit_config, lambda: ckpt.model, quantize)
+
+
 def built(caplog) -> bool:
     return "building the ONNX Runtime graphs" in caplog.text
 
 
 def test_built_once_into_the_checkpoint_then_found(ckpt_dir, caplog):
     with caplog.at_level(logging.INFO, logger="exitserve"):
-        assert ensure_graphs(load_checkpoint(ckpt_dir)) == ckpt_dir / "onnx" / "fp32"
+        assert ensure(load_checkpoint(ckpt_dir)) == ckpt_dir / "onnx" / "fp32"
         assert built(caplog) and "no export" in caplog.text
         caplog.clear()
-        ensure_graphs(load_checkpoint(ckpt_dir))
+        ensure(load_checkpoint(ckpt_dir))
     assert not built(caplog)
     manifest = json.loads((ckpt_dir / "onnx" / "fp32" / MANIFEST).read_text())
     assert manifest["variant"] == "fp32" and manifest["exit_config"]["num_layers"] == 4
@@ -51,7 +56,7 @@ def test_built_once_into_the_checkpoint_then_found(ckpt_dir, caplog):
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "missing", "manifest"])
 def test_a_broken_export_is_rebuilt_not_served(ckpt_dir, tokenizer, sst2_texts, caplog, damage):
-    ensure_graphs(load_checkpoint(ckpt_dir))
+    ensure(load_checkpoint(ckpt_dir))
     graphs = ckpt_dir / "onnx" / "fp32"
     layer = graphs / "layer_01.onnx"
     if damage == "truncated":
@@ -67,37 +72,38 @@ def test_a_broken_export_is_rebuilt_not_served(ckpt_dir, tokenizer, sst2_texts, 
     with caplog.at_level(logging.INFO, logger="exitserve"):
         on_ort, on_torch = final_logits(ckpt_dir, tokenizer, sst2_texts)
     assert built(caplog)
-    assert (on_ort - on_torch).abs().max() < 1e-4
+    assert np.abs(on_ort - on_torch).max() < 1e-4
 
 
 def test_a_stale_export_is_rebuilt_for_the_new_weights(ckpt_dir, tokenizer, sst2_texts, caplog):
-    ensure_graphs(load_checkpoint(ckpt_dir))
+    ensure(load_checkpoint(ckpt_dir))
     save_checkpoint(ckpt_dir, make_model(seed=99), tokenizer, make_exit_config(default_threshold=0.55))
     with caplog.at_level(logging.INFO, logger="exitserve"):
         on_ort, on_torch = final_logits(ckpt_dir, tokenizer, sst2_texts)
     assert "stale (weights_sha256 changed)" in caplog.text
-    assert (on_ort - on_torch).abs().max() < 1e-4
+    assert np.abs(on_ort - on_torch).max() < 1e-4
 
 
 def test_an_export_from_another_onnxruntime_is_stale(ckpt_dir):
-    ensure_graphs(load_checkpoint(ckpt_dir))
+    ensure(load_checkpoint(ckpt_dir))
     path = ckpt_dir / "onnx" / "fp32" / MANIFEST
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "onnxruntime": "0.0.1"}))
     ckpt = load_checkpoint(ckpt_dir)
-    assert onnx_store.problem(path.parent, onnx_store.Source.of(ckpt), "fp32") == "stale (onnxruntime changed)"
+    source = onnx_store.Source.of(ckpt.path, ckpt.exit_config)
+    assert onnx_store.problem(path.parent, source, "fp32") == "stale (onnxruntime changed)"
 
 
 def test_a_read_only_checkpoint_uses_the_cache_and_nowhere_writable_is_refused(ckpt_dir, tmp_path, monkeypatch):
     ckpt = load_checkpoint(ckpt_dir)
     monkeypatch.setattr(onnx_store, "_writable", lambda d: not d.is_relative_to(ckpt_dir))  # tests run as root
-    directory = ensure_graphs(ckpt)
+    directory = ensure(ckpt)
     assert directory.is_relative_to(tmp_path / "cache") and (directory / MANIFEST).is_file()
     assert not (ckpt_dir / "onnx").exists()
     (directory / "exit_00.onnx").write_bytes(b"broken")
     monkeypatch.setattr(onnx_store, "_writable", lambda d: False)
     with pytest.raises(OnnxStoreError, match=r"no valid ONNX export and neither .* is writable") as err:
-        ensure_graphs(ckpt)
+        ensure(ckpt)
     assert "\n" not in str(err.value)
 
 

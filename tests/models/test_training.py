@@ -10,7 +10,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 from exitserve.models.data import load_examples
 from exitserve.models.encoding import encode
-from exitserve.models.strategies import DEFAULT_STRATEGY, Phase, num_stages, objective_loss, phase_for
+from exitserve.models.recipes import DEFAULT_STRATEGY
+from exitserve.models.strategies import Phase, num_stages, objective_loss, phase_for
 from exitserve.models.training import Collator, TextDataset, TrainOptions, fit, train
 from tests.conftest import GLUE, TINY_LAYERS, make_model
 
@@ -138,7 +139,7 @@ def test_phase_schedule():
 
 
 def test_lte_loss_is_one_mse_over_every_layer_including_the_last():
-    from exitserve.models.early_exit import AllExits
+    from exitserve.models.answers import AllExits
 
     logits = torch.tensor([[[1.0], [3.0]], [[2.0], [2.5]]])  # [L=2, B=2, 1]
     labels = torch.tensor([2.0, 2.5])
@@ -175,7 +176,7 @@ def test_alternating_epoch_needs_two_epochs():
 
 
 def test_lte_target_final_predicts_agreement_with_the_last_layer_and_the_weight_scales_j():
-    from exitserve.models.early_exit import AllExits
+    from exitserve.models.answers import AllExits
     from exitserve.models.strategies import LteLoss, lte_loss, lte_targets
 
     logits = torch.tensor([[[1.0], [3.0]], [[2.0], [2.5]]])  # [L=2, B=2, 1]

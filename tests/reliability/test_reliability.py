@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from exitserve.models.checkpoint import CheckpointError
+from exitserve.models.exit_config import CheckpointError
 from exitserve.server import guard as guard_module
 from exitserve.server.app import create_app
 from exitserve.server.main import run
