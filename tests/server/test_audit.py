@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
-import torch
 
+from exitserve.models.answers import ExitRecord
 from exitserve.models.criteria import ExitCriterion
-from exitserve.server.audit import Z_ONE_SIDED_95, AuditTrace, AuditWindow, wilson_lower_bound
+from exitserve.server.audit import Z_ONE_SIDED_95, AuditWindow, wilson_lower_bound
 from exitserve.server.autopilot import Autopilot
 
 
@@ -29,14 +30,14 @@ def test_wilson_bound_covers_the_true_agreement_95_percent_of_the_time():
         assert 0.92 <= covered / 1000 <= 0.99, (p, n, covered)
 
 
-def trace(layer_labels: list[int], exit_layer: int, confidences: list[float] | None = None) -> AuditTrace:
+def trace(layer_labels: list[int], exit_layer: int, confidences: list[float] | None = None) -> ExitRecord:
     """An audit whose layer k answered `layer_labels[k]` with max-prob `confidences[k]` (2 classes)."""
     confidences = confidences or [0.9] * len(layer_labels)
     logits = []
     for label, conf in zip(layer_labels, confidences, strict=True):
         gap = math.log(conf / (1 - conf))
-        logits.append(torch.tensor([0.0, gap] if label else [gap, 0.0]))
-    return AuditTrace(exit_layer, logits)
+        logits.append([0.0, gap] if label else [gap, 0.0])
+    return ExitRecord(exit_layer, np.array(logits, np.float32))
 
 
 def test_window_counts_served_agreement_and_replays_other_thresholds():
@@ -56,9 +57,9 @@ def test_window_counts_served_agreement_and_replays_other_thresholds():
 
 def test_regression_agreement_is_within_the_tolerance():
     window = AuditWindow(10, 2, 1, use_lte=True, regression=True, tolerance=0.25)
-    lte = [torch.tensor(0.5), torch.tensor(0.9)]
-    assert window.add(AuditTrace(1, [torch.tensor([2.0]), torch.tensor([2.2])], lte))
-    assert not window.add(AuditTrace(1, [torch.tensor([2.0]), torch.tensor([2.3])], lte))
+    lte = np.array([0.5, 0.9], np.float32)
+    assert window.add(ExitRecord(1, np.array([[2.0], [2.2]], np.float32), lte))
+    assert not window.add(ExitRecord(1, np.array([[2.0], [2.3]], np.float32), lte))
     lte_criterion = ExitCriterion("lte", 2, regression=True)
     assert window.at_threshold(lte_criterion, 0.4) == (1, 2)  # LTE 0.5 >= 0.4: both served at layer 1
     assert window.at_threshold(lte_criterion, 0.6) == (2, 2)

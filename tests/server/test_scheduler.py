@@ -1,18 +1,24 @@
-"""The layer-level scheduler, driven directly from an event loop."""
+"""The scheduler's worker, driven directly from an event loop, under a run-step policy (fcfs) and a
+layer-step one (layered): answers as alone, exits cost their layers, failures stay in their step,
+queue limits and deadlines, metrics before answers."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import numpy as np
 import pytest
-import torch
 
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.encoding import encode
 from exitserve.models.inference import predict
-from exitserve.server.scheduler import DeadlineExceeded, LayerScheduler, QueueFull, Sample
+from exitserve.server.policy import Limits, make_policy
+from exitserve.server.scheduler import DeadlineExceeded, QueueFull, Scheduler
+from exitserve.server.steps import Sample
 from tests.conftest import TINY_LAYERS, RecordingBackend, make_model
+
+POLICIES = ("fcfs", "layered")
 
 
 @pytest.fixture
@@ -30,32 +36,30 @@ def run(coro):
 def make_samples(encoded, thresholds, deadline_s=30.0):
     loop = asyncio.get_running_loop()
     rows = thresholds if isinstance(thresholds, list) else [thresholds] * len(encoded)
-    return [
-        Sample(e, torch.tensor(t, dtype=torch.float32).expand(TINY_LAYERS).clone(), loop.create_future(), loop,
-               time.monotonic() + deadline_s)
-        for e, t in zip(encoded, rows, strict=True)
-    ]
+    return [Sample(e, np.full(TINY_LAYERS, t, np.float32), loop.create_future(), loop, time.monotonic() + deadline_s)
+            for e, t in zip(encoded, rows, strict=True)]
 
 
-def scheduler_for(backend, **kw) -> LayerScheduler:
-    sched = LayerScheduler(backend, ExitCriterion("max-prob", TINY_LAYERS), **kw)
-    sched.start()
+def scheduler_for(backend, policy: str = "fcfs", max_batch_size: int = 32, start: bool = True, **kw) -> Scheduler:
+    sched = Scheduler(backend, ExitCriterion("max-prob", TINY_LAYERS), make_policy(policy),
+                      Limits(max_batch_size), **kw)
+    if start:
+        sched.start()
     return sched
 
 
-def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts, slow):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts, slow, policy):
     model = slow()
     crit = ExitCriterion("max-prob", TINY_LAYERS)
     encoded = encode(tokenizer, sst2_texts[:60], max_length=64)
     thresholds = [0.5 + 0.01 * (i % 10) for i in range(len(encoded))]  # per-request thresholds
-    backend = model.inner
-    alone = [predict(backend, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
+    alone = [predict(model.inner, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
 
     async def main():
-        sched = scheduler_for(model, max_batch_size=8)
+        sched = scheduler_for(model, policy, max_batch_size=8)
         samples = make_samples(encoded, thresholds)
-        # 12 "requests" of 5 inputs arriving concurrently
-        for i in range(0, len(samples), 5):
+        for i in range(0, len(samples), 5):  # 12 "requests" of 5 inputs arriving concurrently
             sched.submit(samples[i : i + 5])
             await asyncio.sleep(0)
         out = await asyncio.gather(*(s.future for s in samples))
@@ -66,15 +70,15 @@ def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts
     assert len({p.exit_layer for p in alone}) >= 2
     assert [p.exit_layer for p in served] == [p.exit_layer for p in alone]
     assert [p.label_id for p in served] == [p.label_id for p in alone]
-    assert max(b for _, b, _, _ in model.log) > 1  # rows from different requests were batched
+    assert max(rows for _, rows, _, _ in model.log) > 1  # rows from different requests were batched
 
 
-def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer, slow):
+def test_layer_steps_answer_an_easy_input_before_a_hard_one_submitted_with_it(tokenizer, slow):
     model = slow(delay=0.01)
     encoded = encode(tokenizer, ["easy one", "hard one"], max_length=32)
 
     async def main():
-        sched = scheduler_for(model)
+        sched = scheduler_for(model, "layered")
         easy, hard = make_samples(encoded, [0.0, 1.0])  # exits at layer 1 / runs all layers
         sched.submit([hard, easy])
         first = await asyncio.wait({easy.future, hard.future}, return_when=asyncio.FIRST_COMPLETED)
@@ -88,12 +92,12 @@ def test_easy_input_is_answered_before_a_hard_one_submitted_with_it(tokenizer, s
     assert easy.finished < hard.finished
 
 
-def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer, slow):
+def test_layer_steps_start_new_arrivals_without_waiting_for_the_deepest_sample(tokenizer, slow):
     model = slow(delay=0.05)
     encoded = encode(tokenizer, ["first arrival", "late arrival"], max_length=32)
 
     async def main():
-        sched = scheduler_for(model)
+        sched = scheduler_for(model, "layered")
         deep, late = make_samples(encoded, [1.0, 1.0])
         sched.submit([deep])
         while deep.next_layer < 1:  # deep is past layer 1, with >= 3 x 50 ms of layers still to run
@@ -107,12 +111,36 @@ def test_new_arrivals_start_without_waiting_for_the_deepest_sample(tokenizer, sl
     assert late.started < deep.finished  # late started layer 1 while deep was still running
 
 
-def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts, slow):
+def test_a_run_step_answers_each_row_at_its_own_exit_and_the_next_step_waits_for_it(tokenizer, slow):
+    model = slow(delay=0.02)
+    encoded = encode(tokenizer, ["easy one", "hard one", "a late arrival"], max_length=32)
+
+    async def main():
+        sched = scheduler_for(model, "fcfs", start=False)
+        easy, hard, late = make_samples(encoded, [0.0, 1.0, 1.0])
+        sched.submit([hard, easy])
+        sched.start()
+        while hard.started is None:
+            await asyncio.sleep(0.001)
+        sched.submit([late])
+        await asyncio.gather(easy.future, hard.future, late.future)
+        sched.stop()
+        return easy, hard, late
+
+    easy, hard, late = run(main())
+    assert easy.future.result().exit_layer == 1 and hard.future.result().exit_layer == TINY_LAYERS
+    assert easy.finished == pytest.approx(hard.finished, abs=0.01)  # one step answers both
+    assert late.started >= hard.finished  # run steps do not interleave
+    assert [rows for index, rows, _, _ in model.log][:2] == [2, 1]  # layer 1 on both, then the hard one alone
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts, slow, policy):
     model = slow()
     encoded = encode(tokenizer, sst2_texts[:40], max_length=64)
 
     async def main():
-        sched = scheduler_for(model, max_batch_size=16)
+        sched = scheduler_for(model, policy, max_batch_size=16)
         samples = make_samples(encoded, [0.5 + 0.01 * (i % 10) for i in range(len(encoded))])
         sched.submit(samples)
         out = await asyncio.gather(*(s.future for s in samples))
@@ -125,12 +153,13 @@ def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts, sl
     assert len({r.exit_layer for r in results}) >= 2
 
 
-def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(tokenizer, slow):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_failing_step_fails_only_its_requests_and_the_worker_keeps_serving(tokenizer, slow, policy):
     encoded = encode(tokenizer, ["this one breaks the model badly", "fine"], max_length=32)
     model = slow(fail_width=len(encoded[0]))
 
     async def main():
-        sched = scheduler_for(model)
+        sched = scheduler_for(model, policy)
         bad, = make_samples(encoded[:1], 1.0)
         sched.submit([bad])
         with pytest.raises(RuntimeError, match="boom"):
@@ -144,17 +173,18 @@ def test_a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving(to
     assert run(main()).exit_layer == TINY_LAYERS
 
 
-def test_queue_full_and_deadline(tokenizer, slow):
-    model = slow(delay=0.2)  # each layer step far outlasts the 50 ms deadline below
+@pytest.mark.parametrize("policy", POLICIES)
+def test_queue_full_and_deadline(tokenizer, slow, policy):
+    model = slow(delay=0.2)  # each layer far outlasts the 50 ms deadline below
     encoded = encode(tokenizer, ["a", "b", "c"], max_length=16)
 
     async def main():
-        sched = scheduler_for(model, max_queue_size=2)
+        sched = scheduler_for(model, policy, max_queue_size=2)
         with pytest.raises(QueueFull):
             sched.submit(make_samples(encoded, 1.0))  # 3 > 2: all or nothing
         first = make_samples(encoded[:1], 1.0)
         sched.submit(first)
-        while first[0].started is None:  # the worker is now busy with `first`'s first layer for 200 ms
+        while first[0].started is None:  # the worker is now busy with `first` for >= 200 ms
             await asyncio.sleep(0.001)
         expired = make_samples(encoded[1:2], 1.0, deadline_s=0.05)
         sched.submit(expired)
@@ -166,18 +196,43 @@ def test_queue_full_and_deadline(tokenizer, slow):
     run(main())
 
 
-def test_a_step_is_recorded_before_its_exited_samples_are_answered(tokenizer, slow):
-    seen = []  # per exited sample: was it already answered when on_step ran?
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_step_is_recorded_before_its_samples_are_answered(tokenizer, slow, policy):
+    seen = []  # per step: were none of its answers out yet when on_step ran?
     encoded = encode(tokenizer, ["one", "two words", "three more words"], max_length=32)
 
     async def main():
-        sched = LayerScheduler(slow(), ExitCriterion("max-prob", TINY_LAYERS),
-                               on_step=lambda st: seen.extend(s.finished is not None for s in st.exited))
-        sched.start()
         samples = make_samples(encoded, [0.0, 1.0, 1.0])  # exits at layer 1, and at the last layer
+        counted = [0]
+
+        def on_step(stats):
+            seen.append(sum(s.finished is not None for s in samples) == counted[0])
+            counted[0] += len(stats.answered)
+
+        sched = scheduler_for(slow(), policy, on_step=on_step)
         sched.submit(samples)
         await asyncio.gather(*(s.future for s in samples))
         sched.stop()
+        return counted[0]
 
-    run(main())
-    assert seen == [False, False, False]
+    assert run(main()) == 3
+    assert seen and all(seen)
+
+
+def test_slo_admission_sheds_what_the_cost_model_says_cannot_make_it(tokenizer, slow):
+    from exitserve.server.cost import StepCost
+    from exitserve.server.scheduler import SloUnreachable
+
+    encoded = encode(tokenizer, ["a few words"] * 40, max_length=16)
+
+    async def main():
+        cost = StepCost(overhead=0.01, rate=0.001, mean_layers=TINY_LAYERS, min_steps=10**9)  # a fixed model
+        sched = scheduler_for(slow(), "fcfs", max_batch_size=4, start=False, slo=0.05, cost=cost)
+        sched.check_slo([len(encoded[0])])  # alone: 10 ms + 5 tokens x 4 layers x 1 ms = 30 ms < 50 ms
+        sched.submit(make_samples(encoded[:8], 1.0))  # two steps of work queued ahead
+        with pytest.raises(SloUnreachable) as refused:
+            sched.check_slo([len(encoded[0])])
+        return refused.value
+
+    refused = run(main())
+    assert "over the 50 ms SLO" in str(refused) and refused.retry_after > 0

@@ -8,7 +8,6 @@ import threading
 
 import pytest
 
-from exitserve.models.encoding import encode
 from exitserve.models.inference import predict
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
@@ -21,20 +20,21 @@ from tests.conftest import TINY_LAYERS
 )
 def test_warm_up_runs_the_largest_step_through_every_layer(tiny_checkpoint, limits, rows):
     service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, **limits))
-    backend = service.scheduler.backend  # the default runtime (onnxruntime on the CPU)
-    steps, layer = [], backend.layer
+    backend = service.scheduler.backend  # the default runtime (onnxruntime on the CPU), run steps (fcfs)
+    steps, run = [], backend.run
 
-    def logged(index, hidden, attention, need_exit=True):
-        steps.append((index, *hidden.shape[:2]))
-        return layer(index, hidden, attention, need_exit)
+    def logged(samples, thresholds, criterion, trace=False):
+        result = run(samples, thresholds, criterion, trace)
+        steps.append((len(samples), max(len(s) for s in samples), set(result.exit_layer.tolist())))
+        return result
 
-    backend.layer = logged
+    backend.run = logged
     asyncio.run(service.start())
     ready = service.ready
     service.stop()
     max_length = service.config.max_length
-    assert [s for s in steps if s[2] == max_length] == [(i, rows, max_length) for i in range(TINY_LAYERS)]
-    assert max(n * w for _, n, w in steps) == rows * max_length  # nothing bigger than the scheduler can form
+    assert [s for s in steps if s[1] == max_length] == [(rows, max_length, {TINY_LAYERS})]  # every layer
+    assert max(n * w for n, w, _ in steps) == rows * max_length  # nothing bigger than the scheduler can form
     assert ready
 
 
@@ -42,13 +42,14 @@ def test_small_requests_are_tokenised_on_the_event_loop_and_large_ones_in_a_thre
     from exitserve.server import service as service_module
 
     threads = []
+    service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, warmup=False))
+    encode_ = service.encoder.encode
 
     def recording_encode(*args, **kwargs):
         threads.append(threading.get_ident())
-        return encode(*args, **kwargs)
+        return encode_(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "encode", recording_encode)
-    service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, warmup=False))
+    monkeypatch.setattr(service.encoder, "encode", recording_encode)
     small = "a short review"
     large = " ".join(["word"] * (service_module.INLINE_TOKENIZE_CHARS // 5 + 1))
 
@@ -66,7 +67,7 @@ def test_small_requests_are_tokenised_on_the_event_loop_and_large_ones_in_a_thre
     assert len(large) > service_module.INLINE_TOKENIZE_CHARS >= len(small)
     assert threads[0] == loop_thread and threads[1] != loop_thread
     assert service.tokenizing == 0
-    alone = predict(service.backend, service.criterion, encode(service.tokenizer, [small, large]), [1.0] * TINY_LAYERS)
+    alone = predict(service.backend, service.criterion, encode_([small, large]), [1.0] * TINY_LAYERS)
     assert [short.predictions[0].label_id, long.predictions[0].label_id] == [p.label_id for p in alone]
 
 
