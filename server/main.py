@@ -57,6 +57,7 @@ class DrainingServer(uvicorn.Server):
 def run(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        PredictionService.own_process(settings)
         service = PredictionService.load(settings)
     except (CheckpointError, BackboneError, OnnxStoreError, ValueError) as exc:
         print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)

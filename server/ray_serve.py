@@ -125,6 +125,7 @@ class ExitServeReplica:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         context = serve.get_replica_context()
+        PredictionService.own_process(self.settings)
         service = PredictionService.load(self.settings)
         if self.metrics_port is not None:
             port = self.metrics_port + context.rank.local_rank
@@ -143,6 +144,7 @@ def build(settings: Settings, options: RayOptions) -> Application:
     """The Serve application: `options` as deployment options, `settings` for every replica."""
     values = settings.model_dump(mode="json", exclude_unset=True)
     values.setdefault("torch_threads", max(1, int(options.num_cpus)))
+    values.setdefault("ort_threads", max(1, int(options.num_cpus)))
     return ExitServeReplica.options(
         **options.deployment_options(),
         logging_config={"log_level": settings.log_level.upper()},  # "warning" also drops Ray's access log

@@ -98,6 +98,15 @@ class PredictionService:
         self.ready = False
         self.warming_up = False  # warm-up batches are not traffic: the metrics skip them
 
+    @staticmethod
+    def own_process(settings: Settings) -> None:
+        """Called by a process that serves and nothing else (`exitserve serve`, a Ray replica), before
+        `load`: every ONNX Runtime session then runs on one shared thread pool."""
+        if settings.runtime == "onnxruntime":
+            from exitserve.models.backends.onnx_backend import share_one_thread_pool
+
+            share_one_thread_pool(settings.ort_threads)
+
     @classmethod
     def load(cls, settings: Settings) -> PredictionService:
         """Load and validate the checkpoint (raises CheckpointError with a one-line reason)."""

@@ -8,12 +8,14 @@ composed in memory at start). The layer-level calls (`embed`, `layer`, ...) run 
 whose sessions are only opened when first used (a server that never re-batches between layers never
 holds their weights).
 
-Threads: every session shares ONE process-wide intra-op thread pool (`threads` threads: ORT's default
-is one per physical core), created with the first session. Per-session pools were measured to fight:
+Threads: in a server every session shares ONE process-wide intra-op thread pool (`share_one_thread_pool`,
+`threads` threads: ORT's default is one per physical core). Per-session pools were measured to fight:
 seven spinning pools on 2 cores ran 1.6x slower than one, and non-spinning ones wake their threads for
-every op (../shared/reference/runtime.md). Memory: the CPU arena grows to the largest batch seen and
-keeps it; `arena=False` returns each run's buffers to the allocator instead (jemalloc then gives them
-back to the system).
+every op (../shared/reference/runtime.md). A library user's process keeps per-session, non-spinning
+pools (ORT refuses any other session once a global pool exists).
+
+Memory: the CPU arena grows to the largest batch seen and keeps it; `arena=False` returns each run's
+buffers to the allocator instead (jemalloc then gives them back to the system).
 """
 
 from __future__ import annotations
@@ -35,28 +37,26 @@ from exitserve.models.encoding import Encoded, mean_pool_weights, pad_tokens
 
 log = logging.getLogger("exitserve")
 
-_pool: dict[str, int | None] = {}  # the process-wide pool, once created: {"threads": n}
+_shared: dict[str, int | None] = {}  # the process-wide pool, once created: {"threads": n}
 
 
-def _shared_pool(threads: int | None) -> bool:
-    """Create the process-wide intra-op pool on first call; True when sessions can use it with `threads`."""
-    if not _pool:
-        try:
-            ort.capi._pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
-        except RuntimeError as exc:  # an ORT environment exists already (sessions made elsewhere first)
-            log.warning("onnxruntime: no process-wide thread pool (%s); each session gets its own", exc)
-            _pool["threads"] = -1
-            return False
-        _pool["threads"] = threads
-    return _pool["threads"] == threads
+def share_one_thread_pool(threads: int | None) -> None:
+    """Run every ONNX Runtime session of this process on ONE intra-op pool of `threads` threads (None:
+    ORT's default, one per physical core). Only for a process exitserve owns (`exitserve serve`, a Ray
+    replica): once the pool exists ORT refuses sessions with pools of their own, so a library user's other
+    sessions would fail. Call it before the first session is created; a second call changes nothing."""
+    if not _shared:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+        _shared["threads"] = threads
 
 
 def session(model: Path, threads: int | None = None, arena: bool = True) -> ort.InferenceSession:
-    """A CPU session on the process-wide pool (its own pool only when that pool has another size)."""
+    """A CPU session: on the process-wide pool when there is one (share_one_thread_pool), else on a pool
+    of its own that does not spin (spinning pools of several sessions fight over the cores)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = arena
-    if _shared_pool(threads):
+    if _shared:
         options.use_per_session_threads = False
     else:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

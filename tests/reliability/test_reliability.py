@@ -60,16 +60,16 @@ class Instrumented:
     sleeps `delay` per layer and can be held before any layer (the `gate`), so queueing is
     observable."""
 
-    def __init__(self, checkpoint: Path, delay: float = 0.0, **settings):
-        self.service = PredictionService.load(Settings(checkpoint=checkpoint, warmup=False, **settings))
+    def __init__(self, checkpoint: Path, delay: float = 0.0, policy: str = "fcfs", **settings):
+        self.service = PredictionService.load(Settings(checkpoint=checkpoint, warmup=False, policy=policy, **settings))
         self.app = create_app(self.service.settings, self.service)
-        self.rows: list[int] = []
-        self.steps: list[tuple[int, int, int]] = []
+        self.rows: list[int] = []  # rows of each step that starts inputs (a run step, or a layer-1 step)
+        self.steps: list[tuple[int, int, int]] = []  # layer steps: (layer, rows, width)
         self.in_flight: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
         backend = self.service.scheduler.backend  # whichever runtime serves: instrument the seam
-        embed, layer = backend.embed, backend.layer
+        embed, layer, run = backend.embed, backend.layer, backend.run
 
         def logged_embed(samples):
             self.rows.append(len(samples))
@@ -82,7 +82,16 @@ class Instrumented:
             self.in_flight.append(self.service.scheduler.in_flight + hidden.shape[0])
             return layer(index, hidden, attention, need_exit)
 
-        backend.embed, backend.layer = logged_embed, slow_layer
+        def slow_run(samples, thresholds, criterion, trace=False):
+            self.rows.append(len(samples))
+            self.gate.wait(30)
+            time.sleep(delay)
+            return run(samples, thresholds, criterion, trace)
+
+        if policy in ("layered", "oldest"):
+            backend.embed, backend.layer = logged_embed, slow_layer
+        else:
+            backend.run = slow_run
 
     @contextmanager
     def serving(self) -> Iterator[str]:
@@ -141,7 +150,7 @@ def test_a_request_whose_client_disconnects_while_queued_is_not_computed(tiny_ch
 
 
 def test_in_flight_inputs_of_a_cancelled_request_stop_at_the_next_layer(tiny_checkpoint):
-    inst = Instrumented(tiny_checkpoint)
+    inst = Instrumented(tiny_checkpoint, policy="layered")  # layer steps: a sample waits between its layers
 
     async def main() -> None:
         await inst.service.start()
@@ -284,7 +293,7 @@ def test_a_request_that_waits_past_its_deadline_gets_503(tiny_checkpoint):
 
 
 def test_a_long_queue_neither_grows_the_work_in_flight_nor_starves_it(tiny_checkpoint):
-    inst = Instrumented(tiny_checkpoint, max_batch_size=1)  # admits 2 inputs at a time into layer 1
+    inst = Instrumented(tiny_checkpoint, policy="layered", max_batch_size=1)  # admits 2 inputs at a time
     long_text = "a long and winding review of a film that goes on " * 3
 
     async def main() -> None:
