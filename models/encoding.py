@@ -85,7 +85,10 @@ class TextEncoder:
         """Tokenise; inputs over `max_length` tokens are truncated, or rejected (InputTooLong) when
         `truncate` is off."""
         tokenizer = self.truncating if truncate else self.plain
-        batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
+        if len(texts) == 1:  # encode_batch hands even one input to a thread pool: slower for one
+            batch = [tokenizer.encode(texts[0], pairs[0] if pairs is not None else None)]
+        else:
+            batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
         out = []
         for i, enc in enumerate(batch):
             if len(enc.ids) > self.max_length:

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exitserve.server.docs_ui import docs_router
@@ -27,7 +28,6 @@ from exitserve.server.guard import GuardMiddleware
 from exitserve.server.schemas import (
     ErrorResponse,
     InfoResponse,
-    LayerTraceOut,
     PredictBatchResponse,
     PredictRequest,
     PredictResult,
@@ -69,16 +69,24 @@ async def _disconnected(request: Request) -> None:
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """Await `work`; if the client disconnects first, cancel it (its queued samples are then skipped
-    by the scheduler and never computed) and raise ClientGone."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    by the scheduler and never computed) and raise ClientGone. One watcher task, which cancels this
+    request's own task when the client goes (cheaper than racing two tasks with asyncio.wait)."""
+    handler, gone = asyncio.current_task(), asyncio.Event()
+
+    async def watch() -> None:
+        await _disconnected(request)
+        gone.set()
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if gone.is_set():
+            raise ClientGone from None
+        raise
     finally:
-        gone.cancel()
-        task.cancel()  # a no-op once it is done
-    if task in done:
-        return task.result()
-    raise ClientGone
+        watcher.cancel()
 
 
 def blank(text: str) -> bool:
@@ -123,25 +131,30 @@ def validate(req: PredictRequest, service: PredictionService) -> tuple[list[str]
     return texts, pairs
 
 
-def _result(service: PredictionService, outcome: Outcome, i: int) -> PredictResult:
+def _result(service: PredictionService, outcome: Outcome, i: int) -> dict:
+    """One input's answer in `PredictResult`'s shape (a plain dict: what the route returns is serialised
+    once, as JSON, not validated again; tests check it against the schema)."""
     p, cfg = outcome.predictions[i], service.config
     names = cfg.label_names
 
     def label(value: float) -> str | float:
         return value if cfg.regression else names[int(value)]
 
-    return PredictResult(
-        prediction=label(p.value), label_id=p.label_id, confidence=p.confidence, exit_layer=p.exit_layer,
-        num_layers=cfg.num_layers, threshold=outcome.thresholds[i],
-        probabilities=dict(zip(names, p.probabilities, strict=True)) if p.probabilities else None,
-        trace=[LayerTraceOut(layer=t.layer, confidence=t.confidence, prediction=label(t.prediction))
-               for t in p.trace] if p.trace is not None else None,
-    )
+    out = {"prediction": label(p.value), "label_id": p.label_id, "confidence": p.confidence,
+           "exit_layer": p.exit_layer, "num_layers": cfg.num_layers, "threshold": outcome.thresholds[i]}
+    if p.probabilities:
+        out["probabilities"] = dict(zip(names, p.probabilities, strict=True))
+    if p.label_id is None:
+        del out["label_id"]
+    if p.trace is not None:
+        out["trace"] = [{"layer": t.layer, "confidence": t.confidence, "prediction": label(t.prediction)}
+                        for t in p.trace]
+    return out
 
 
 @router.post("/predict", response_model=PredictResult | PredictBatchResponse, responses=ERRORS,
              dependencies=[Depends(require_json)], response_model_exclude_none=True)
-async def predict(req: PredictRequest, request: Request, response: Response):
+async def predict(req: PredictRequest, request: Request):
     service = service_of(request)
     if not service.ready:
         raise APIError(503, "not_ready", "the model is not ready", {"Retry-After": "1"})
@@ -153,15 +166,13 @@ async def predict(req: PredictRequest, request: Request, response: Response):
     except Exception as exc:  # answered from the one error table (server/errors.py)
         raise api_error(exc) from exc
     t = outcome.timings
-    response.headers["x-total-time"] = f"{t.total * 1000:.3f}"
-    response.headers["x-tokenization-time"] = f"{t.tokenization * 1000:.3f}"
-    response.headers["x-queue-time"] = f"{t.queue * 1000:.3f}"
-    response.headers["x-inference-time"] = f"{t.inference * 1000:.3f}"
+    headers = {"x-total-time": f"{t.total * 1000:.3f}", "x-tokenization-time": f"{t.tokenization * 1000:.3f}",
+               "x-queue-time": f"{t.queue * 1000:.3f}", "x-inference-time": f"{t.inference * 1000:.3f}"}
     results = [_result(service, outcome, i) for i in range(len(texts))]
     if isinstance(req.text, str):
-        response.headers["x-exit-layer"] = str(results[0].exit_layer)
-        return results[0]
-    return PredictBatchResponse(results=results)
+        headers["x-exit-layer"] = str(results[0]["exit_layer"])
+        return JSONResponse(results[0], headers=headers)
+    return JSONResponse({"results": results}, headers=headers)
 
 
 @router.get("/health", response_model=StatusResponse)

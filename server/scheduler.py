@@ -43,8 +43,9 @@ from exitserve.models.answers import ExitRecord, Prediction
 from exitserve.models.backends import Backend
 from exitserve.models.criteria import ExitCriterion
 from exitserve.server.cost import StepCost
-from exitserve.server.policy import LAYER, Limits, Policy, Step, View, Waiting
+from exitserve.server.policy import LAYER, Limits, Policy, Step
 from exitserve.server.steps import Answer, Sample, StepOutcome, run_step
+from exitserve.server.waitlist import Waitlist
 
 log = logging.getLogger("exitserve")
 
@@ -102,9 +103,7 @@ class Scheduler:
         self.on_step, self.on_audit = on_step, on_audit
         self.admit_window = 2 * limits.max_batch_size  # what a policy sees of the queue
         self.audit_capacity = self.admit_window  # audits pending beyond this are dropped
-        self._queue: deque[Sample] = deque()
-        self._groups: list[list[Sample]] = [[] for _ in range(backend.num_layers)]  # by next layer (layer steps)
-        self._audits: list[Sample] = []
+        self.waiting: Waitlist[Sample] = Waitlist(backend.num_layers, self.admit_window)
         self._stepping: list[Sample] = []
         self._cv = threading.Condition()
         self._stopping = False
@@ -130,23 +129,22 @@ class Scheduler:
 
     @property
     def queue_size(self) -> int:
-        return len(self._queue)
+        return len(self.waiting.queue)
 
     @property
     def in_flight(self) -> int:
         """Unanswered samples stopped between layers or in the step running now."""
-        stepping = sum(1 for s in self._stepping if s.finished is None)
-        return sum(len(g) for g in self._groups) + stepping
+        return self.waiting.started() + sum(1 for s in self._stepping if s.finished is None)
 
     @property
     def audits_pending(self) -> int:
         """Audits not yet completed or dropped: waiting for their run, or in the step running now."""
-        return len(self._audits) + sum(1 for s in self._stepping if s.finished is not None)
+        return len(self.waiting.audits) + sum(1 for s in self._stepping if s.finished is not None)
 
     @property
     def room(self) -> int:
         """Samples the queue can still take."""
-        return self.max_queue_size - len(self._queue)
+        return self.max_queue_size - len(self.waiting.queue)
 
     def check_room(self, count: int, reserved: int = 0) -> None:
         """Raise SchedulerStopped, or QueueFull if `count` more samples (besides `reserved` ones
@@ -160,7 +158,7 @@ class Scheduler:
         """Seconds until inputs of these lengths, queued now, would be answered: the step running now,
         the work queued ahead of them, and their own (the cost model's prediction)."""
         cost = self.cost
-        ahead = [len(s.encoded) for s in self._queue] + [len(s.encoded) for g in self._groups for s in g]
+        ahead = [s.tokens for s in self.waiting.queue] + [s.tokens for g in self.waiting.groups for s in g]
         running = max(self._step_predicted - (time.monotonic() - self._step_started), 0.0) if self._stepping else 0.0
         rows = len(ahead) + len(tokens)
         steps = max(1, math.ceil(rows / self.limits.max_batch_size))
@@ -185,84 +183,50 @@ class Scheduler:
                 sample.submitted = now
                 if self.slo is not None:
                     sample.slo_deadline = now + self.slo
-            self._queue.extend(samples)
+            self.waiting.queue.extend(samples)
             self._cv.notify()
 
     # ---- the worker thread ----------------------------------------------------------------------
-    def _idle(self) -> bool:
-        return not self._queue and not any(self._groups) and not self._audits
-
     def _run(self) -> None:
+        waiting = self.waiting
         while True:
             with self._cv:
-                while not self._stopping and self._idle():
+                while not self._stopping and waiting.idle():
                     self._cv.wait()
-                if self._stopping and not self._queue and not any(self._groups):
-                    self._drop_audits(self._audits)  # shutdown does not wait for audits
-                    self._audits = []
+                if self._stopping and not waiting.queue and not waiting.started():
+                    self._drop_audits(waiting.audits)  # shutdown does not wait for audits
+                    waiting.audits.clear()
                     return
                 now = time.monotonic()
                 self._expire(now)
-                step = self.policy.choose(self._view(now), self.limits)
+                step = self.policy.choose(waiting.view(now, self._step_started), self.limits)
                 if step is None:
                     continue
-                batch = self._take(step)
+                batch = waiting.take(step)
             self._execute(step, batch)
 
     def _expire(self, now: float) -> None:
         """Forget samples whose client went away; answer queued ones past their deadline."""
-        if any(s.future.cancelled() or now > s.deadline for s in self._queue):
+        waiting = self.waiting
+        if any(s.future.cancelled() or now > s.deadline for s in waiting.queue):
             kept: deque[Sample] = deque()
-            for sample in self._queue:
+            for sample in waiting.queue:
                 if sample.future.cancelled():
                     continue  # the client went away while queued: nothing to compute
                 if now > sample.deadline:
                     sample.resolve(DeadlineExceeded("request deadline passed while queued"))
                     continue
                 kept.append(sample)
-            self._queue = kept
-        for group in self._groups:
+            waiting.queue = kept
+        for group in waiting.groups:
             if any(s.future.cancelled() for s in group):
                 group[:] = [s for s in group if not s.future.cancelled()]
-
-    def _view(self, now: float) -> View:
-        """What the policy sees: the queue's admission window (a sample entering it counts as waiting
-        from its arrival if it arrived during the latest step, else from now: time spent behind a backlog
-        does not make it older than the samples already in flight), the groups and the audits."""
-        window = []
-        for i, s in enumerate(self._queue):
-            if i == self.admit_window:
-                break
-            if not s.windowed:
-                s.windowed = True
-                s.since = s.submitted if s.submitted >= self._step_started else now
-            window.append(self._waiting(i, s))
-        base = len(self._queue)
-        groups, offset = [], base
-        for group in self._groups:
-            groups.append([self._waiting(offset + j, s) for j, s in enumerate(group)])
-            offset += len(group)
-        audits = [self._waiting(offset + j, s) for j, s in enumerate(self._audits)]
-        return View(now, window, groups, audits)
-
-    @staticmethod
-    def _waiting(key: int, s: Sample) -> Waiting:
-        return Waiting(key, len(s.encoded), s.submitted, min(s.slo_deadline, s.deadline), s.since, s.next_layer)
-
-    def _take(self, step: Step) -> list[Sample]:
-        """Remove the step's samples from where they wait (keys index queue, then groups, then audits)."""
-        places = [self._queue, *self._groups, self._audits]
-        flat = [(place, s) for place in places for s in place]
-        chosen = [flat[key] for key in step.keys]
-        for place, s in chosen:
-            place.remove(s)
-        return [s for _, s in chosen]
 
     def _execute(self, step: Step, batch: list[Sample]) -> None:
         self._stepping = batch
         self._step_started = started = time.monotonic()
         layers = 1 if step.mode == LAYER else self.cost.mean_layers
-        self._step_predicted = self.cost.seconds(sum(len(s.encoded) for s in batch) * layers)
+        self._step_predicted = self.cost.seconds(sum(s.tokens for s in batch) * layers)
         for s in batch:
             if s.started is None:
                 s.started = started
@@ -277,9 +241,9 @@ class Scheduler:
             self._stepping = []
         seconds = time.monotonic() - started
         self.cost.observe(outcome.work, seconds, len(outcome.answered), outcome.layers)
+        now = time.monotonic()
         for s in outcome.waiting:
-            s.since = time.monotonic()
-            self._groups[s.next_layer].append(s)
+            self.waiting.park(s, now)
         self._finish(step, outcome, seconds)
 
     def _finish(self, step: Step, outcome: StepOutcome, seconds: float) -> None:
@@ -289,7 +253,7 @@ class Scheduler:
         if step.audit:
             report.completed = [a.record for a in outcome.answered if a.record is not None]
         else:
-            keep = not self._queue and self.audits_pending < self.audit_capacity
+            keep = not self.waiting.queue and self.audits_pending < self.audit_capacity
             for a in outcome.answered:
                 answers.append(a)
                 if not a.sample.audit:
@@ -298,7 +262,7 @@ class Scheduler:
                     report.completed.append(a.record)  # answered at the last layer: nothing more to run
                 elif keep:
                     a.sample.exit_layer = a.prediction.exit_layer
-                    self._audits.append(a.sample)
+                    self.waiting.audits.append(a.sample)
                 else:
                     report.dropped += 1
         try:

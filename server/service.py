@@ -205,7 +205,8 @@ class PredictionService:
         ]
         self.scheduler.submit(samples)
         try:
-            predictions = await asyncio.gather(*(s.future for s in samples))
+            predictions = [await samples[0].future] if len(samples) == 1 else \
+                await asyncio.gather(*(s.future for s in samples))
         except BaseException:  # a failed input, or the request was cancelled: the rest are not wanted
             for s in samples:
                 s.future.cancel()

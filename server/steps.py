@@ -54,6 +54,15 @@ class Sample:
     said: list[tuple[float, np.ndarray, float | None]] = field(default_factory=list)  # traced: per layer
     exit_layer: int = 0  # where it was answered (an audit waiting for its run)
 
+    @property
+    def tokens(self) -> int:
+        return len(self.encoded)
+
+    @property
+    def due(self) -> float:
+        """What deadline-aware policies order by: the SLO's deadline, or the request timeout."""
+        return min(self.slo_deadline, self.deadline)
+
     def resolve(self, result: Prediction | BaseException) -> None:
         if self.finished is not None:
             return  # answered already

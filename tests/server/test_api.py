@@ -52,6 +52,22 @@ def test_threshold_override_and_trace(client):
     assert body["threshold"] == 1.0
 
 
+@pytest.mark.parametrize("trace", [False, True])
+def test_answers_have_exactly_the_documented_shape(client, tiny_pair_checkpoint, trace):
+    """The route builds its answers as plain JSON (one serialisation, no second validation): they must
+    still be what /openapi.json documents, for classification and regression, single and batched."""
+    from exitserve.server.schemas import PredictBatchResponse, PredictResult
+
+    single = client.post("/predict", json={"text": "a fine film", "return_trace": trace}).json()
+    assert PredictResult.model_validate(single).model_dump(exclude_none=True) == single
+    batch = client.post("/predict", json={"text": ["a fine film", "a dull one"], "return_trace": trace}).json()
+    assert PredictBatchResponse.model_validate(batch).model_dump(exclude_none=True) == batch
+    with make_client(tiny_pair_checkpoint, warmup=False) as pairs:
+        value = pairs.post("/predict", json={"text": "a", "text_pair": "b", "return_trace": trace}).json()
+    assert PredictResult.model_validate(value).model_dump(exclude_none=True) == value
+    assert "label_id" not in value and "probabilities" not in value and isinstance(value["prediction"], float)
+
+
 def test_health_ready_info_metrics_docs(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready"}
