@@ -1,24 +1,21 @@
 """The speed benchmark behind docs/RESULTS.md: one command, every ratio measured side by side.
 
-    nice python -m exitserve.loadtest.bench all --checkpoint server/default_model --data ../shared/data/glue/SST-2 \\
-        --backend torch --concurrency 1,4,16,64 --duration 10 --infinity /tmp/infinity-venv/bin/infinity_emb \\
-        --out docs/results/bench --name sst2_default
+    python -m exitserve.loadtest.bench all --checkpoint server/default_model --data ../shared/data/glue/SST-2 \\
+        --backend onnxruntime --out docs/results/bench --name sst2_ort [--pipeline] [--infinity PATH]
 
-library: wall-clock of the layer-by-layer engine on `--backend` over the dev split at batch 1 and 32,
-  exits on (the calibrated threshold) vs off (threshold 1.0), against the ideal L / mean exit layer
-  and against the same model run whole on ONNX Runtime (the strongest peer's graph, same batches);
-  and the backend's own batch-1 latency (p50), which the server's overhead is measured against.
-server: a closed-loop concurrency sweep, one server at a time, each started fresh:
-  exitserve exits on and exits off (threshold 1.0 per request) on `--backend` (`--set backend=...`),
-  and, serving the same fine-tuned model exported with `exitserve export`:
-  - the ONNX Runtime whole-model peer (loadtest/peer_ort.py: fused graph, ORT_ENABLE_ALL, FastAPI);
-  - the transformers-pipeline peer (loadtest/peer_pipeline.py: FastAPI + eager PyTorch);
-  - with --infinity PATH, infinity-emb (`--infinity-engine optimum`, the default, or `torch`), installed
-    in its own virtualenv (docs/RESULTS.md has the install line).
-tail: Poisson arrivals at `--tail-fraction` of exitserve's measured capacity (exits on): p50, p99, and
-  the server's per-stage times (loadtest/open_loop.py).
-Writes `<out>/<name>.json`, `<out>/<name>.md` (tables, ratios, the issue's targets met or missed) and
-PNG plots. The load generator shares the machine's cores with the server: compare ratios within one run.
+library: wall-clock of `Backend.run` on `--backend` over the dev split at batch 1 and 32, exits on
+  (the calibrated threshold) vs off (threshold 1.0), against the ideal L / mean exit layer and against the
+  same model run whole on ONNX Runtime (the strongest peer's graph, same batches); and the backend's own
+  batch-1 latency (p50), which the server's overhead is measured against.
+server (loadtest/bench_server.py): exitserve and the ONNX Runtime whole-model peer (loadtest/peer_ort.py:
+  the same fine-tuned model exported with `exitserve export`, fused graph, FastAPI) running side by side,
+  warmed up, measured interleaved over a closed-loop concurrency sweep; their memory (RSS) after it; the
+  tail (Poisson arrivals at 70 % of exitserve's capacity); both at 70 % of the PEER's capacity; an SLO
+  run (slo_ms = 3 x the unloaded p50, 90 % load); the other scheduling policies' capacity.
+  `--pipeline` and `--infinity PATH` add the transformers-pipeline peer and infinity-emb
+  (`--infinity-engine optimum|torch`, in its own virtualenv: docs/RESULTS.md) to the sweep, after it.
+Writes `<out>/<name>.json`, `<out>/<name>.md` (tables, ratios, the issues' targets met or missed) and
+PNG plots. The load generator shares the machine's cores with the servers: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -40,15 +37,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from exitserve.loadtest.bench_report import EXITS_OFF, EXITS_ON, ORT_PEER, PIPELINE_PEER, markdown, plot, targets
+from exitserve.loadtest.bench_report import EXITS_ON, PIPELINE_PEER, markdown, plot, targets
+from exitserve.loadtest.bench_server import ServerPlan, measure
 from exitserve.loadtest.loadgen import run_load
-from exitserve.loadtest.open_loop import open_loop
 from exitserve.loadtest.servers import (
     INFINITY_ENGINES,
-    exitserve_command,
     free_port,
     infinity_command,
-    ort_peer_command,
     peer_command,
     running,
 )
@@ -63,8 +58,10 @@ from exitserve.models.inference import length_batches, predict
 
 def machine() -> dict:
     """Where and when; the load average says how busy the shared machine was."""
+    import onnxruntime
+
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "date_utc": datetime.now(timezone.utc).isoformat(" ", "seconds"),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
@@ -79,22 +76,10 @@ class Setup:
     threads: int | None = None
     settings: list[str] = field(default_factory=list)  # extra exitserve settings, NAME=VALUE
 
-    def exitserve(self, port: int) -> list[str]:
-        threads = [f"torch_threads={self.threads}"] if self.threads else []
-        return exitserve_command(self.checkpoint, port, f"backend={self.backend}", *threads, *self.settings)
-
-
-@dataclass
-class Tail:
-    """The open-loop run: Poisson arrivals at `fraction` of the capacity measured over `measure_seconds`."""
-
-    fraction: float = 0.7
-    seconds: float = 60.0
-    measure_seconds: float = 20.0
-
-    def run(self, base: str, texts: list[str]) -> dict:
-        return asyncio.run(open_loop(base, texts[:200], self.fraction, self.seconds,
-                                     measure_seconds=self.measure_seconds))
+    def server_settings(self) -> list[str]:
+        """exitserve's settings: the backend, its threads, and the extra ones given."""
+        threads = [f"torch_threads={self.threads}", f"ort_threads={self.threads}"] if self.threads else []
+        return [f"backend={self.backend}", *threads, *self.settings]
 
 
 def sentences(data: str, limit: int | None) -> list[str]:
@@ -112,12 +97,12 @@ def prepare_models(checkpoint_dir: str, workdir: Path) -> Path:
     return hf
 
 
-def whole_graph_seconds(hf_dir: Path, samples: list, batch_size: int, threads: int | None) -> float:
+def whole_graph_seconds(hf_dir: Path, samples: list, batch_size: int, threads: int | None, shared_pool: bool) -> float:
     """Wall-clock of the fused whole graph over `samples` (already tokenised, the library's batches,
     the library's padding), best of 2 like `wall_clock`."""
     from exitserve.loadtest.peer_ort import WholeGraph
 
-    graph = WholeGraph(hf_dir, threads)
+    graph = WholeGraph(hf_dir, threads, shared_pool=shared_pool)
     feeds = []
     for idx in length_batches(samples, batch_size):
         tokens = pad_tokens([samples[i] for i in idx], graph.tokenizer.pad_token_id)
@@ -135,9 +120,15 @@ def whole_graph_seconds(hf_dir: Path, samples: list, batch_size: int, threads: i
 
 
 def library(setup: Setup, max_samples: int | None, hf_dir: Path) -> dict:
+    """The library half (see the module docstring). On onnxruntime every session of this process runs on
+    one shared thread pool, as in a server (the peer's whole graph included: ORT allows nothing else)."""
     threads = setup.threads
     if threads:
         torch.set_num_threads(threads)
+    if setup.backend == "onnxruntime":
+        from exitserve.models.backends.onnx_backend import share_one_thread_pool
+
+        share_one_thread_pool(threads)
     ckpt = load_checkpoint(setup.checkpoint)
     cfg, backend = ckpt.exit_config, create_backend(ckpt, setup.backend)
     texts = sentences(setup.data, max_samples)
@@ -147,7 +138,7 @@ def library(setup: Setup, max_samples: int | None, hf_dir: Path) -> dict:
     rows = []
     for batch_size in (1, 32):
         on, off = wall_clock(backend, criterion, samples, [threshold, 1.0], batch_size)
-        whole = whole_graph_seconds(hf_dir, samples, batch_size, threads)
+        whole = whole_graph_seconds(hf_dir, samples, batch_size, threads, setup.backend == "onnxruntime")
         ideal = cfg.num_layers / on["mean_exit_layer"]
         speedup = off["seconds"] / on["seconds"]
         rows.append({"batch_size": batch_size, "threshold": threshold, "exits_on_s": on["seconds"],
@@ -176,103 +167,72 @@ def infinity_dir(hf_dir: Path, engine: str, workdir: Path) -> Path:
     return target
 
 
-def server(setup: Setup, concurrencies: list[int], duration: float, hf_dir: Path, infinity: str | None = None,
-           infinity_engine: str = "optimum", tail_run: Tail | None = None) -> tuple[dict, dict | None]:
-    """The sweep; exits on and off are one exitserve process (exits off asks for threshold 1.0), which
-    then also takes the open-loop run when `tail_run` is given. Returns (sweep, tail result or None)."""
+def extra_peers(setup: Setup, concurrencies: list[int], duration: float, hf_dir: Path, pipeline: bool,
+                infinity: str | None, infinity_engine: str) -> dict[str, list[dict]]:
+    """The weaker peers' sweep, one server at a time after the main run: the transformers pipeline
+    peer and infinity-emb (each only when asked)."""
     texts = sentences(setup.data, None)
-
-    def body(threshold: float | None):
-        def make(i: int) -> dict:
-            payload: dict = {"text": texts[i % len(texts)]}
-            if threshold is not None:
-                payload["threshold"] = threshold
-            return payload
-        return make
-
-    def infinity_body(i: int) -> dict:
-        return {"input": [texts[i % len(texts)]], "model": "exported"}
-
-    def exit_layer(resp: dict) -> int | None:
-        return resp.get("exit_layer")
-
     port = free_port()
-    # (command, env, cwd, readiness route, [(name, route, body), ...])
-    servers = [
-        (setup.exitserve(port), {}, None, "/ready", [(EXITS_ON, "/predict", body(None)),
-                                                     (EXITS_OFF, "/predict", body(1.0))]),
-        (*ort_peer_command(hf_dir, port, setup.threads), None, "/ready", [(ORT_PEER, "/predict", body(None))]),
-        (*peer_command(hf_dir, port), None, "/ready", [(PIPELINE_PEER, "/predict", body(None))]),
-    ]
+    servers = []
+    if pipeline:
+        servers.append((*peer_command(hf_dir, port), None, "/ready", PIPELINE_PEER, "/predict",
+                        lambda i: {"text": texts[i % len(texts)]}))
     if infinity:
         command = infinity_command(infinity, infinity_dir(hf_dir, infinity_engine, hf_dir.parent), port,
                                    infinity_engine)
-        servers.append((*command, "/health", [(f"infinity-emb ({infinity_engine})", "/classify", infinity_body)]))
+        servers.append((*command, "/health", f"infinity-emb ({infinity_engine})", "/classify",
+                        lambda i: {"input": [texts[i % len(texts)]], "model": "exported"}))
     results: dict[str, list[dict]] = {}
-    tail_result = None
-    bar = tqdm(total=sum(len(s[-1]) for s in servers) * len(concurrencies), desc="server sweep", unit="point")
-    for i, (cmd, env, cwd, ready_path, sweeps) in enumerate(servers):
+    for cmd, env, cwd, ready_path, name, route, make_body in servers:
         with running(cmd, port, env, setup.threads, ready_path, cwd) as base:
-            for name, route, make_body in sweeps:
-                results[name] = []
-                for c in concurrencies:
-                    load = asyncio.run(run_load(f"{base}{route}", make_body, c, duration, exit_layer_of=exit_layer))
-                    results[name].append(load.summary())
-                    bar.update()
-            if tail_run is not None and i == 0:  # exitserve
-                tail_result = {"settings": cmd, **tail_run.run(base, texts)}
-    bar.close()
-    sweep = {"backend": setup.backend, "duration_s": duration, "concurrencies": concurrencies, "servers": results}
-    return sweep, tail_result
-
-
-def tail_only(setup: Setup, tail_run: Tail) -> dict:
-    """exitserve (exits on) under Poisson arrivals at a fraction of its measured capacity."""
-    port = free_port()
-    cmd = setup.exitserve(port)
-    with running(cmd, port, {}, setup.threads) as base:
-        return {"settings": cmd, **tail_run.run(base, sentences(setup.data, None))}
+            results[name] = [asyncio.run(run_load(f"{base}{route}", make_body, c, duration)).summary()
+                             for c in tqdm(concurrencies, desc=name, unit="point")]
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m exitserve.loadtest.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["library", "server", "tail", "all"])
+    p.add_argument("what", choices=["library", "server", "all"])
     p.add_argument("--checkpoint", default="server/default_model")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="exitserve's runtime backend (library run, and the servers' `backend` setting)")
-    p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (library run and servers)")
     p.add_argument("--max-samples", type=int, default=None, help="library: dev subset")
+    p.add_argument("--pipeline", action="store_true", help="add the transformers-pipeline peer")
     p.add_argument("--infinity", default=None, help="path of an infinity_emb executable: add it as a peer")
     p.add_argument("--infinity-engine", choices=INFINITY_ENGINES, default="optimum")
     p.add_argument("--tail-fraction", type=float, default=0.7, help="tail: offered load / measured capacity")
     p.add_argument("--tail-seconds", type=float, default=60.0, help="tail: seconds of Poisson arrivals")
     p.add_argument("--tail-measure-seconds", type=float, default=20.0,
                    help="tail: seconds of closed-loop load (32 clients) that measure the capacity")
+    p.add_argument("--slo-factor", type=float, default=3.0, help="slo run: slo_ms = this x the unloaded p50 (0: off)")
+    p.add_argument("--slo-load", type=float, default=0.9, help="slo run: offered load / capacity")
+    p.add_argument("--policies", default="layered", help="other scheduling policies whose capacity is measured")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an extra exitserve setting for the sweep and the tail run (e.g. max_batch_size=8)")
     p.add_argument("--out", default="docs/results/bench")
     p.add_argument("--name", default=None, help="file stem (default: the subcommand)")
     args = p.parse_args(argv)
     setup = Setup(args.checkpoint, args.data, args.backend, args.threads, args.set)
-    tail_run = Tail(args.tail_fraction, args.tail_seconds, args.tail_measure_seconds)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
     report: dict = {"machine": machine(), "checkpoint": args.checkpoint, "data": args.data, "backend": args.backend,
                     "exitserve_settings": args.set}
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = prepare_models(args.checkpoint, Path(tmp)) if args.what in ("library", "server", "all") else None
+        hf_dir = prepare_models(args.checkpoint, Path(tmp))
         if args.what in ("library", "all"):
             report["library"] = library(setup, args.max_samples, hf_dir)
         if args.what in ("server", "all"):
-            concurrencies = [int(c) for c in args.concurrency.split(",")]
-            report["server"], tail_result = server(setup, concurrencies, args.duration, hf_dir, args.infinity,
-                                                   args.infinity_engine, tail_run if args.what == "all" else None)
-            if tail_result is not None:
-                report["tail"] = tail_result
-    if args.what == "tail":
-        report["tail"] = tail_only(setup, tail_run)
+            plan = ServerPlan(args.checkpoint, setup.server_settings(), concurrencies, args.duration,
+                              args.tail_fraction, args.tail_seconds, args.tail_measure_seconds, args.slo_factor,
+                              args.slo_load, [p for p in args.policies.split(",") if p])
+            report["server"] = measure(plan, hf_dir, sentences(args.data, None))
+            report["server"]["backend"] = args.backend
+            report["server"]["servers"].update(extra_peers(setup, concurrencies, args.duration, hf_dir, args.pipeline,
+                                                           args.infinity, args.infinity_engine))
     if "library" in report and "server" in report:
         exits_on_c1 = report["server"]["servers"][EXITS_ON][0]
         report["overhead_ms_c1"] = exits_on_c1["p50_ms"] - report["library"]["model_p50_ms_batch1"]

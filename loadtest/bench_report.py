@@ -1,5 +1,5 @@
-"""What `loadtest.bench` writes from its report: the markdown tables, the throughput ratios, issue 10's
-targets (met or missed, from the same run) and the PNG plot."""
+"""What `loadtest.bench` writes from its report: the markdown tables, the throughput ratios, the targets
+of issues 17 (speed, memory, overhead) and 18 (tail, SLO), met or missed in the same run, and the plots."""
 
 from __future__ import annotations
 
@@ -32,35 +32,52 @@ def _target(what: str, value: float | None, goal: float, unit: str = "×", at_mo
 
 
 def targets(report: dict) -> list[dict]:
-    """Issue 10's targets, each from this run's numbers (absent parts of the run are skipped)."""
+    """The issues' targets, each from this run's numbers (absent parts of the run are skipped)."""
     out = []
     lib = report.get("library")
     if lib:
         for r in lib["rows"]:
-            b = r["batch_size"]
-            out.append(_target(f"library, batch {b}: exits off vs the whole ORT graph", r["exits_off_vs_whole_ort"],
-                               0.9))
-            out.append(_target(f"library, batch {b}: exits on vs the whole ORT graph, over 0.85 × ideal "
-                               f"({0.85 * r['ideal_speedup']:.2f}×)",
-                               r["exits_on_vs_whole_ort"] / (0.85 * r["ideal_speedup"]), 1.0))
+            out.append(_target(f"library, batch {r['batch_size']}: exits on vs the whole ORT graph, over the ideal "
+                               f"({r['ideal_speedup']:.2f}×)", r["exits_on_vs_whole_ort"] / r["ideal_speedup"], 0.9))
     srv = report.get("server")
     if srv:
         servers = srv["servers"]
         for c in (1, 16):
-            out.append(_target(f"server, c={c}: exits on vs the ORT peer", throughput_ratio(servers, EXITS_ON,
-                                                                                            ORT_PEER, c), 2.0))
+            out.append(_target(f"server, c={c}: exits on vs the ORT peer",
+                               throughput_ratio(servers, EXITS_ON, ORT_PEER, c), 1.8))
         out.append(_target("server, c=1: exits off vs the ORT peer", throughput_ratio(servers, EXITS_OFF, ORT_PEER, 1),
-                           0.9))
-        out.append(_target(f"server, c=1: exits off ({srv['backend']}) vs the transformers pipeline peer",
-                           throughput_ratio(servers, EXITS_OFF, PIPELINE_PEER, 1), 1.0))
+                           1.0))
+        rss = srv.get("rss_mib")
+        if rss:
+            out.append(_target("memory: exitserve's RSS / the peer's, after the runs", rss["exitserve"] / rss[ORT_PEER],
+                               1.1, at_most=True))
+        tail = srv.get("tail")
+        if tail:
+            out.append(_target(f"tail: p99 / p50 at {tail['fraction']:.0%} of capacity (Poisson)",
+                               tail["p99_over_p50"], 5.0, at_most=True))
+            out.append(_target("tail: wrong answers", tail["wrong_answers"], 0, "", at_most=True))
+        same = srv.get("same_load")
+        if same:
+            for q in ("p50", "p99"):
+                out.append(_target(f"same load (70 % of the peer's capacity): exitserve {q} / the peer's",
+                                   _ratio(same["exitserve"][f"ok_{q}_ms"], same["peer"][f"ok_{q}_ms"]), 1.0,
+                                   at_most=True))
+        slo = srv.get("slo")
+        if slo:
+            out.append(_target(f"slo_ms = {slo['slo_ms']} at {slo['fraction']:.0%} load: answered within it",
+                               slo["within_slo"], 0.99))
+        policies = srv.get("policies")
+        if policies and "layered" in policies:
+            out.append(_target("saturation throughput: default policy / the pre-issue-18 one (layered)",
+                               _ratio(policies["default"], policies["layered"]), 0.95))
     if "overhead_ms_c1" in report:
-        out.append(_target("overhead at c=1: server p50 − the backend's batch-1 p50", report["overhead_ms_c1"], 1.5,
+        out.append(_target("overhead at c=1: server p50 − the backend's batch-1 p50", report["overhead_ms_c1"], 1.0,
                            " ms", at_most=True))
-    tail = report.get("tail")
-    if tail:
-        out.append(_target(f"tail: p99 / p50 at {tail['fraction']:.0%} of capacity (Poisson)", tail["p99_over_p50"],
-                           5.0, at_most=True))
     return [t for t in out if t["value"] is not None]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -94,24 +111,54 @@ def markdown(report: dict) -> str:
     if "overhead_ms_c1" in report:
         lines += ["", f"Overhead at concurrency 1 (exits on p50 minus the model's own batch-1 p50): "
                       f"{report['overhead_ms_c1']:.2f} ms"]
-    tail = report.get("tail")
-    if tail:
-        lines += ["", f"Tail: Poisson arrivals at {tail['fraction']:.0%} of the measured capacity "
-                      f"({tail['capacity_rps']} req/s) for {tail['seconds']:g} s: {tail['sent']} sent, "
-                      f"statuses {tail['statuses']}, p50 {tail['ok_p50_ms']} ms, p95 {tail['ok_p95_ms']} ms, "
-                      f"p99 {tail['ok_p99_ms']} ms (p99 / p50 = {tail['p99_over_p50']}); generator late (p99) "
-                      f"{tail['generator_late_p99_ms']} ms.", "",
-                  "| server stage | p50 (ms, at most) | p99 (ms, at most) |", "|---|---|---|"]
-        stages = tail["server_stages"]
+    if srv:
+        lines += _server_extras(srv)
+    if report.get("targets"):
+        lines += ["", "| target (issues 17, 18) | this run | goal | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _open_loop_line(name: str, r: dict) -> str:
+    return (f"| {name} | {r['offered_rps']} | {r['answered_rps']} | {r['ok_p50_ms']} | {r['ok_p99_ms']} | "
+            f"{r.get('p99_over_p50')} | {r['statuses']} | {r['wrong_answers']} |")
+
+
+def _server_extras(srv: dict) -> list[str]:
+    """Memory, the open-loop runs (tail, same load, SLO) and the policies' capacity."""
+    lines = []
+    if srv.get("rss_mib"):
+        lines += ["", "| resident memory after the runs (MiB) | " + " | ".join(srv["rss_mib"]) + " |",
+                  "|---|" + "---|" * len(srv["rss_mib"]),
+                  "| RSS | " + " | ".join(f"{v:.0f}" for v in srv["rss_mib"].values()) + " |"]
+    runs = []
+    if srv.get("tail"):
+        runs.append((f"exitserve, {srv['tail']['fraction']:.0%} of its capacity ({srv['tail']['capacity_rps']} "
+                     "req/s)", srv["tail"]))
+    if srv.get("same_load"):
+        peer = srv["same_load"]["peer"]
+        runs.append((f"the ORT peer, {peer['fraction']:.0%} of its capacity ({peer['capacity_rps']} req/s)", peer))
+        runs.append(("exitserve, the same arrival rate", srv["same_load"]["exitserve"]))
+    if srv.get("slo"):
+        slo = srv["slo"]
+        runs.append((f"exitserve, slo_ms={slo['slo_ms']}, {slo['fraction']:.0%} of capacity "
+                     f"(within the SLO: {slo['within_slo']:.2%}; refused p99 {slo['refused_p99_ms']} ms)", slo))
+    if runs:
+        lines += ["", "Open loop (Poisson arrivals, latency from each request's scheduled send time):", "",
+                  "| run | offered (req/s) | answered (req/s) | p50 (ms) | p99 (ms) | p99/p50 | statuses | wrong |",
+                  "|---|---|---|---|---|---|---|---|", *(_open_loop_line(name, r) for name, r in runs)]
+    stages = (srv.get("tail") or {}).get("server_stages")
+    if stages:
+        lines += ["", "| exitserve stage (tail run) | p50 (ms, at most) | p99 (ms, at most) |", "|---|---|---|"]
         lines += [f"| {stage} | {q['p50_ms_at_most']} | {q['p99_ms_at_most']} |"
                   for stage, q in stages.items() if "pauses" not in q]
         lines += [f"| {name} collections | {q['pauses']:g} | longest ≤ {q['longest_ms_at_most']} ms |"
                   for name, q in stages.items() if "pauses" in q]
-    if report.get("targets"):
-        lines += ["", "| target (issue 10) | this run | goal | met |", "|---|---|---|---|"]
-        lines += [f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
-                  for t in report["targets"]]
-    return "\n".join(lines) + "\n"
+    if srv.get("policies"):
+        lines += ["", "Capacity by scheduling policy (closed loop, 32 clients, req/s): "
+                  + ", ".join(f"{name} {rps}" for name, rps in srv["policies"].items())]
+    return lines
 
 
 def ratios(servers: dict[str, list[dict]], concurrencies: list[int]) -> list[str]:

@@ -71,10 +71,24 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
+async def capacity(url: str, texts: list[str], concurrency: int = 32, seconds: float = 20.0) -> float:
+    """Answered requests per second under a closed loop of `concurrency` clients (a warm-up pass first)."""
+    parts = urlparse(url)
+    client = Client(parts.hostname, parts.port or 80, max_connections=1024)
+    try:
+        await sustained_rate(client, texts, concurrency, min(2.0, seconds))
+        return await sustained_rate(client, texts, concurrency, seconds)
+    finally:
+        client.close()
+
+
 async def open_loop(url: str, texts: list[str], fraction: float = 0.7, seconds: float = 60.0,
-                    capacity: float | None = None, concurrency: int = 32, measure_seconds: float = 20.0) -> dict:
-    """Poisson arrivals at `fraction` x capacity against exitserve at `url` (its base URL); capacity is
-    measured (closed loop, `concurrency` clients) unless given."""
+                    capacity: float | None = None, concurrency: int = 32, measure_seconds: float = 20.0,
+                    slo_ms: float | None = None) -> dict:
+    """Poisson arrivals at `fraction` x capacity against a server at `url` (its base URL); capacity is
+    measured (closed loop, `concurrency` clients) unless given. Every answer is checked against the
+    text's answer asked alone; stages are read from exitserve's /metrics (a peer has none). With
+    `slo_ms`: the share of answered requests within it."""
     parts = urlparse(url)
     client = Client(parts.hostname, parts.port or 80, max_connections=1024)
     try:
@@ -82,7 +96,7 @@ async def open_loop(url: str, texts: list[str], fraction: float = 0.7, seconds: 
         measured = capacity is None
         if capacity is None:
             capacity = await sustained_rate(client, texts, concurrency, measure_seconds)
-        _, before = await client.request("GET", "/metrics")
+        before_status, before = await client.request("GET", "/metrics")
         phase = Phase("poisson", capacity * fraction, seconds)
         records = await drive(client, [phase], texts, refs)
         _, after = await client.request("GET", "/metrics")
@@ -90,6 +104,11 @@ async def open_loop(url: str, texts: list[str], fraction: float = 0.7, seconds: 
         client.close()
     summary = summarise(records, phase.name, 0.0, seconds, phase.rate)
     p50, p99 = summary["ok_p50_ms"], summary["ok_p99_ms"]
-    return {"capacity_rps": round(capacity, 1), "capacity_measured": measured, "fraction": fraction,
-            **summary, "p99_over_p50": round(p99 / p50, 2) if p50 and p99 else None,
-            "server_stages": stage_quantiles(before.decode(), after.decode())}
+    out = {"capacity_rps": round(capacity, 1), "capacity_measured": measured, "fraction": fraction,
+           **summary, "p99_over_p50": round(p99 / p50, 2) if p50 and p99 else None}
+    if before_status == 200:
+        out["server_stages"] = stage_quantiles(before.decode(), after.decode())
+    if slo_ms is not None:
+        ok = [r.latency * 1000 for r in records if r.status == 200]
+        out["within_slo"] = round(sum(x <= slo_ms for x in ok) / len(ok), 4) if ok else None
+    return out

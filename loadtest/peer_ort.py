@@ -66,13 +66,16 @@ class PredictRequest(BaseModel):
 class WholeGraph:
     """The fused graph in one ORT session, with its tokenizer: texts -> logits."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, max_length: int = 128):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, max_length: int = 128,
+                 shared_pool: bool = False):
         import onnxruntime as ort
         from transformers import AutoConfig, AutoTokenizer
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
+        if shared_pool:  # the process runs every session on one global pool (ORT then requires this)
+            options.use_per_session_threads = False
+        elif threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(Path(model_dir) / OPTIMIZED_FILE), options,
                                             providers=["CPUExecutionProvider"])

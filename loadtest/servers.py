@@ -15,6 +15,17 @@ from pathlib import Path
 import httpx
 
 
+class ServerURL(str):
+    """A running server's base URL (a str: f"{url}/predict" works) that also knows its process id."""
+
+    pid: int
+
+    def __new__(cls, url: str, pid: int) -> ServerURL:
+        out = super().__new__(cls, url)
+        out.pid = pid
+        return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,15 +100,15 @@ def running(
     cmd: list[str], port: int, env: dict | None = None, threads: int | None = None, ready_path: str = "/ready",
     cwd: str | Path | None = None, ready_timeout: float = 300,
 ):
-    """Run a server process until the block ends; yields its base URL once `ready_path` answers 200 (else
-    TimeoutError after `ready_timeout` seconds)."""
+    """Run a server process until the block ends; yields its base URL (a `ServerURL`) once `ready_path`
+    answers 200 (else TimeoutError after `ready_timeout` seconds)."""
     full_env = {**os.environ, **(env or {})}
     if threads:
         full_env["OMP_NUM_THREADS"] = str(threads)
     # stderr goes to a file, not a pipe: a chatty server would block on a full pipe nobody reads
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=log, text=True, cwd=cwd)
-        base = f"http://127.0.0.1:{port}"
+        base = ServerURL(f"http://127.0.0.1:{port}", proc.pid)
         try:
             try:
                 wait_ready(base, proc, ready_timeout, ready_path)

@@ -21,7 +21,7 @@ class StepCost:
     rate: float = 2e-5  # seconds per token-layer (the prior)
     mean_layers: float = 3.0  # layers an input runs, on average
     decay: float = 0.99  # weight of the past per observed step (a half-life of ~70 steps)
-    min_steps: int = 20  # steps seen before the fit replaces the prior
+    min_steps: int = 5  # steps seen before the fit replaces the prior (the warm-up's steps, of several sizes)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()

@@ -37,6 +37,7 @@ from exitserve.server.settings import Settings
 from exitserve.server.steps import Sample
 
 WARMUP_TEXT = "warming up"
+WARMUP_SINGLES = 3
 INLINE_TOKENIZE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop
 
 
@@ -148,6 +149,9 @@ class PredictionService:
                 await self._warm_up()
             finally:
                 self.warming_up = False
+        # the cost model's layers per input: what the calibration measured (warm-up ran every layer)
+        report = (self.config.calibration or {}).get("report") or {}
+        self.scheduler.cost.mean_layers = report.get("mean_exit_layer") or self.config.num_layers / 2
         if self.settings.gc_freeze:
             # Everything alive now (modules, model, tokenizer: ~400k objects) lives as long as the server; a
             # full collection would scan it all with every thread stopped (~100-200 ms here). Frozen, it is
@@ -157,14 +161,17 @@ class PredictionService:
         self.ready = True
 
     async def _warm_up(self) -> None:
-        """One input, then the largest layer step the scheduler can form run through every layer: kernels
-        are loaded and the allocator has reached the high-water mark of its biggest batch before /ready
-        answers 200 (text-embeddings-inference warms up at its token budget for the same reason)."""
+        """A few steps of growing size, up to the largest step the scheduler can form, run through every
+        layer: kernels are loaded, the allocator has reached the high-water mark of its biggest batch
+        before /ready answers 200 (text-embeddings-inference warms up at its token budget for the same
+        reason), and the scheduler's cost model has seen steps of several sizes (server/cost.py)."""
         s = self.settings
         rows = max(1, min(s.max_batch_size, s.max_batch_tokens // self.config.max_length, s.max_queue_size))
         longest = " ".join(["a"] * 2 * self.config.max_length)  # truncated to exactly max_length tokens
-        await self.predict([WARMUP_TEXT])
-        await self.predict([longest] * rows, threshold=1.0, truncate=True)
+        for _ in range(WARMUP_SINGLES):
+            await self.predict([WARMUP_TEXT], threshold=1.0)
+        for count in sorted({max(1, rows // 4), max(1, rows // 2), rows}):
+            await self.predict([longest] * count, threshold=1.0, truncate=True)
 
     def stop(self) -> None:
         self.ready = False
@@ -194,7 +201,8 @@ class PredictionService:
         tokenized = time.monotonic()
         self.metrics.tokenization_duration.labels(self.name).observe(tokenized - start)
 
-        self.scheduler.check_slo([len(e) for e in encoded])
+        if not self.warming_up:
+            self.scheduler.check_slo([len(e) for e in encoded])
         thresholds = self.config.thresholds(self.default_threshold if threshold is None else threshold)
         per_layer = np.array(thresholds, dtype=np.float32)
         deadline = start + self.settings.request_timeout

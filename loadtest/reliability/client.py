@@ -38,20 +38,24 @@ def predict_body(text: str) -> bytes:
     return json.dumps({"text": text}).encode()
 
 
-async def references(client: Client, texts: list[str]) -> dict[str, tuple[str, int]]:
-    """Each text's (prediction, exit layer) asked alone, one at a time: the answers under load must match."""
+def answer_key(answer: dict) -> tuple:
+    """What must not change under load: exitserve's prediction and exit layer (a peer's label)."""
+    return answer.get("prediction", answer.get("label")), answer.get("exit_layer")
+
+
+async def references(client: Client, texts: list[str]) -> dict[str, tuple]:
+    """Each text's answer (`answer_key`) asked alone, one at a time: the answers under load must match."""
     refs = {}
     for text in texts:
         status, body = await client.request("POST", "/predict", predict_body(text))
         if status != 200:
             raise RuntimeError(f"reference request failed with {status}: {body[:200]!r}")
-        answer = json.loads(body)
-        refs[text] = (answer["prediction"], answer["exit_layer"])
+        refs[text] = answer_key(json.loads(body))
     return refs
 
 
 async def timed(client: Client, phase: str, at: float, start: float, text: str,
-                refs: dict[str, tuple[str, int]]) -> Record:
+                refs: dict[str, tuple]) -> Record:
     """One /predict scheduled `at` seconds after `start` (time.monotonic())."""
     late = time.monotonic() - start - at
     try:
@@ -61,12 +65,12 @@ async def timed(client: Client, phase: str, at: float, start: float, text: str,
     latency = time.monotonic() - start - at
     answer = json.loads(body)
     if status == 200:
-        correct = (answer["prediction"], answer["exit_layer"]) == refs[text]
+        correct = answer_key(answer) == refs[text]
         return Record(phase, at, latency, status, correct=correct, late=late)
     return Record(phase, at, latency, status, answer.get("error", {}).get("type", "?"), late=late)
 
 
-async def drive(client: Client, phases: list[Phase], texts: list[str], refs: dict[str, tuple[str, int]],
+async def drive(client: Client, phases: list[Phase], texts: list[str], refs: dict[str, tuple],
                 seed: int = 0, on_done: Callable[[Record], None] | None = None) -> list[Record]:
     """Open loop: Poisson arrivals at each phase's rate, whatever the server's answers."""
     rng = random.Random(seed)
