@@ -162,3 +162,31 @@ def test_costs_reports_model_and_gc_costs(tiny_checkpoint, capsys):
     assert all(report["model"][k] > 0 for k in ("stock_forward_ms", "exits_off_ms", "exits_on_ms"))
     assert report["gc"]["tracked_objects"] > 10_000 and report["gc"]["requests"] == 20
     assert len(report["gc"]["collections_per_generation"]) == 3
+
+
+def test_request_path_attributes_each_sample_to_its_innermost_known_stage():
+    from exitserve.loadtest.request_path import OTHER, parse_raw, stage_of
+
+    assert stage_of(["main (server/main.py:1)", "predict (server/app.py:2)", "encode (models/encoding.py:3)"]) == \
+        "tokenisation"
+    assert stage_of(["Scheduler._run (server/scheduler.py:1)", "Session.run (onnxruntime/capi/x.py:2)"]) == \
+        "model (session.run)"
+    assert stage_of(["something (elsewhere.py:1)"]) == OTHER
+    raw = ("thread (1): MainThread;run (uvicorn/server.py:1);observe (prometheus_client/metrics.py:2) 7\n"
+           "thread (2): worker;run (server/steps.py:1);run (onnxruntime/capi/s.py:2) 30\n")
+    assert parse_raw(raw) == {"metrics": 7, "model (session.run)": 30}
+
+
+@pytest.mark.timeout(300)
+def test_request_path_profiles_both_servers(tiny_checkpoint, tmp_path):
+    from exitserve.loadtest.bench import prepare_models
+    from exitserve.loadtest.request_path import measure
+
+    hf_dir = prepare_models(str(tiny_checkpoint), tmp_path)
+    try:
+        servers = measure(str(tiny_checkpoint), hf_dir, ["a fine film", "a dull one"], 2, 100, [])
+    except RuntimeError as exc:  # py-spy needs ptrace: say so rather than pass silently
+        pytest.skip(f"py-spy cannot sample here: {exc}")
+    for name, profile in servers.items():
+        assert profile["requests"] > 0 and profile["total_ms"] > 0, name
+        assert "model (session.run)" in profile["ms_per_request"], name
