@@ -45,6 +45,13 @@ class Metrics:
         )
         self.queue_size = Gauge("exitserve_queue_size", "Inputs waiting to start", ["model"], registry=r)
         self.failures = Counter("exitserve_request_failures", "Failed requests", ["reason"], registry=r)
+        # with slo_ms set: requests answered within it (met), after it (missed), refused at admission (shed)
+        self.slo = Counter("exitserve_slo_requests", "Requests against slo_ms, by outcome", ["model", "outcome"],
+                           registry=r)
+        for outcome in ("met", "missed", "shed"):
+            self.slo.labels(model_name, outcome)
+        self.predicted_wait = self._hist("exitserve_predicted_wait_seconds", "Wait predicted at admission (slo_ms)")
+        self.wait = self._hist("exitserve_wait_seconds", "Submit to answer of a request's last input (slo_ms)")
         self.gc_pause = Histogram("exitserve_gc_pause_seconds", "Python garbage-collector pauses", ["generation"],
                                   buckets=DURATION_BUCKETS, registry=r)
         self.audit = AuditMetrics(r, model_name, num_layers)

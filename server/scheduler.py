@@ -164,15 +164,16 @@ class Scheduler:
         steps = max(1, math.ceil(rows / self.limits.max_batch_size))
         return running + cost.seconds(cost.work(ahead) + cost.work(tokens), steps)
 
-    def check_slo(self, tokens: list[int]) -> None:
-        """Raise SloUnreachable when `slo` is set and inputs of these lengths would be answered after it."""
-        if self.slo is None:
-            return
+    def check_slo(self, tokens: list[int]) -> float:
+        """The predicted wait of inputs of these lengths (predicted_wait); SloUnreachable when it is over
+        `slo` (which must be set)."""
+        assert self.slo is not None
         wait = self.predicted_wait(tokens)
         if wait > self.slo:
             ahead = wait - self.cost.run_seconds(tokens)
             raise SloUnreachable(f"predicted to be answered in {wait * 1000:.0f} ms, over the "
                                  f"{self.slo * 1000:.0f} ms SLO", max(ahead, 0.001))
+        return wait
 
     def submit(self, samples: list[Sample]) -> None:
         """Queue all of a request's samples, or none (QueueFull)."""

@@ -101,6 +101,7 @@ class InfoResponse(BaseModel):
     default_threshold: float | list[float]
     calibration: dict | None
     backend: dict[str, str | None] = Field(description="runtime: name (onnxruntime | torch), quantize, calibration_key")
+    scheduler: dict[str, str | float | None] = Field(description="policy, slo_ms (server/policy.py)")
     backbone: str
     strategy: str
     max_length: int

@@ -32,7 +32,7 @@ from exitserve.server.audit import create_monitor
 from exitserve.server.cost import StepCost
 from exitserve.server.metrics import Metrics
 from exitserve.server.policy import Limits, make_policy
-from exitserve.server.scheduler import Scheduler, StepStats
+from exitserve.server.scheduler import Scheduler, SloUnreachable, StepStats
 from exitserve.server.settings import Settings
 from exitserve.server.steps import Sample
 
@@ -201,8 +201,13 @@ class PredictionService:
         tokenized = time.monotonic()
         self.metrics.tokenization_duration.labels(self.name).observe(tokenized - start)
 
-        if not self.warming_up:
-            self.scheduler.check_slo([len(e) for e in encoded])
+        predicted = None
+        if not self.warming_up and self.scheduler.slo is not None:
+            try:
+                predicted = self.scheduler.check_slo([len(e) for e in encoded])
+            except SloUnreachable:
+                self.metrics.slo.labels(self.name, "shed").inc()
+                raise
         thresholds = self.config.thresholds(self.default_threshold if threshold is None else threshold)
         per_layer = np.array(thresholds, dtype=np.float32)
         deadline = start + self.settings.request_timeout
@@ -220,6 +225,12 @@ class PredictionService:
                 s.future.cancel()
             raise
         check_finite(predictions)
+        if predicted is not None:  # the SLO's bookkeeping: the wait the admission predicted, and the real one
+            waited = max(s.finished for s in samples) - samples[0].submitted
+            self.metrics.predicted_wait.labels(self.name).observe(predicted)
+            self.metrics.wait.labels(self.name).observe(waited)
+            self.metrics.slo.labels(self.name, "met" if time.monotonic() - start <= self.scheduler.slo
+                                    else "missed").inc()
         for s in samples:
             self.metrics.queue_duration.labels(self.name).observe(s.started - s.submitted)
             self.metrics.inference_duration.labels(self.name).observe(s.finished - s.started)

@@ -83,3 +83,30 @@ def test_objects_alive_after_warm_up_are_frozen_until_stop_and_gc_pauses_are_mea
     assert gc.get_freeze_count() == 0
     pauses = service.metrics.registry.get_sample_value("exitserve_gc_pause_seconds_count", {"generation": "2"})
     assert pauses >= 1
+
+
+def test_slo_admission_sheds_with_429_and_counts_each_outcome(tiny_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from exitserve.server.app import create_app
+    from exitserve.server.cost import StepCost
+
+    settings = Settings(checkpoint=tiny_checkpoint, warmup=False, slo_ms=50)
+    service = PredictionService.load(settings)
+    with TestClient(create_app(settings, service)) as client:
+        sample = lambda outcome: service.metrics.registry.get_sample_value(  # noqa: E731
+            "exitserve_slo_requests_total", {"model": service.name, "outcome": outcome})
+        service.scheduler.cost = StepCost(overhead=0.001, rate=1e-6, min_steps=10**9)  # fast: within the SLO
+        assert client.post("/predict", json={"text": "a fine film"}).status_code == 200
+        assert sample("met") == 1 and sample("shed") == 0
+        service.scheduler.cost = StepCost(overhead=1.0, rate=1e-6, min_steps=10**9)  # a second per step: over it
+        r = client.post("/predict", json={"text": "a fine film"})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "slo_unreachable"
+        assert "over the 50 ms SLO" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
+        assert sample("shed") == 1
+        failures = service.metrics.registry.get_sample_value("exitserve_request_failures_total",
+                                                             {"reason": "slo_shed"})
+        assert failures == 1
+        assert service.metrics.registry.get_sample_value("exitserve_predicted_wait_seconds_count",
+                                                         {"model": service.name}) == 1
+        assert client.get("/info").json()["scheduler"] == {"policy": "fcfs", "slo_ms": 50.0}
