@@ -3,42 +3,30 @@
 It runs the server's own code for every decision -- the policies (server/policy.py) and the waitlist
 that builds their views (server/waitlist.py) -- over a simulated clock, with:
 
-  - a cost model of one step, fitted from the backend's measured step times (`fit`): a run step costs
-    a + b x (padded token-layers) + c x (padded token-layers x width), where at layer k the rows still
-    running are trimmed to the longest of them (the composed graph's compaction); a layer step costs the
-    same terms for one layer;
+  - a cost model of one step (`StepModel`), fitted from the backend's measured step times (`fit`): a
+    run step costs a + b x (padded token-layers) + c x (padded token-layers x width), where at layer k
+    the rows still running are trimmed to the longest of them (the composed graph's compaction); a
+    layer step costs the same terms for one layer;
   - the model's measured exit layers and text lengths (real sentences through the real model, taken
     jointly), and a fixed per-request overhead (HTTP, tokenisation) measured on the server at c=1;
-  - Poisson or bursty arrivals (bursts of a geometric number of requests, mean 4) at a fraction of the
-    simulated capacity (a closed loop of 32 clients).
+  - Poisson or bursty arrivals (bursts of a geometric number of requests, mean 4).
 
-    python -m exitserve.loadtest.simulate fit --checkpoint server/default_model --data ../shared/data/glue/SST-2
-    python -m exitserve.loadtest.simulate compare --loads 0.5,0.7,0.9   # every policy, plots and a table
-    python -m exitserve.loadtest.simulate check --policy fcfs          # the simulator vs the real server
-
-Writes docs/results/scheduling/ (JSON, markdown, latency-CDF plots). The check starts exitserve with the
-policy, drives it with Poisson arrivals at two loads (loadtest/open_loop.py) and compares p50 and p99
-with the simulation at the same arrival rates: the simulator is trusted only within 20 %.
+loadtest/scheduling.py drives it (fit, compare the policies, check it against the real server).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from exitserve.server.policy import LAYER, POLICIES, Limits, make_policy
+from exitserve.server.policy import LAYER, Limits, make_policy
 from exitserve.server.waitlist import Waitlist
-
-OUT = Path("docs/results/scheduling")
 
 
 @dataclass
@@ -198,7 +186,7 @@ def fit(checkpoint: str, data: str, backend_name: str, reps: int = 3, seed: int 
     served = load_served(checkpoint, backend_name)
     backend, cfg = served.backend, served.exit_config
     criterion = cfg.make_criterion()
-    texts = _dev_texts(data)
+    texts = dev_texts(data)
     samples = served.encoder.encode(texts)
     per_layer = np.array(cfg.thresholds(), np.float32)
     exits = backend.run(samples, np.broadcast_to(per_layer, (len(samples), cfg.num_layers)), criterion).exit_layer
@@ -238,112 +226,8 @@ def _least_squares(points: list[tuple[tuple[float, float], float]]) -> list[floa
     return [float(max(c, 0.0)) for c in coef]
 
 
-def _dev_texts(data: str) -> list[str]:
+def dev_texts(data: str) -> list[str]:
     from exitserve.models.data import load_examples
 
     _, rows = load_examples(data, "dev")
     return list(rows.texts)
-
-
-# ---- the comparison --------------------------------------------------------------------------------
-
-def compare(costs: dict, loads: Sequence[float], policies: Sequence[str], seconds: float, limits: Limits,
-            bursty: bool, slo_factor: float | None) -> dict:
-    model = StepModel(tuple(costs["run"]), tuple(costs["layer"]), costs.get("overhead", 0.0))
-    workload, num_layers = [tuple(w) for w in costs["workload"]], costs["num_layers"]
-    unloaded = model.run_seconds([(statistics.median(t for t, _ in workload), num_layers // 2)]) + model.overhead
-    slo = slo_factor * unloaded if slo_factor else None
-    out = {"capacity_rps": {}, "results": [], "slo_ms": slo * 1000 if slo else None, "bursty": bursty,
-           "seconds": seconds, "limits": vars(limits)}
-    for policy in policies:
-        cap = capacity(policy, model, workload, limits, num_layers)
-        out["capacity_rps"][policy] = round(cap, 1)
-    reference = max(out["capacity_rps"].values())  # loads are fractions of the best policy's capacity
-    for load in loads:
-        for policy in policies:
-            result = run_load(policy, model, workload, limits, num_layers, load * reference, load, seconds, bursty,
-                              slo)
-            row = result.summary()
-            if slo:
-                row["within_slo"] = sum(x <= slo * 1000 for x in result.latencies_ms) / max(len(result.latencies_ms), 1)
-            row["cdf_ms"] = [float(np.percentile(result.latencies_ms, p)) for p in range(1, 100)]
-            out["results"].append(row)
-    return out
-
-
-def markdown(report: dict) -> str:
-    capacities = ", ".join(f"{p} {c}" for p, c in report["capacity_rps"].items())
-    lines = [f"Simulated capacity (answers/s, closed loop of 32): {capacities}", "",
-             "| load | policy | rate (req/s) | throughput | p50 ms | p99 ms | p99/p50 |",
-             "|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        ratio = r["p99_ms"] / r["p50_ms"] if r["p50_ms"] else float("nan")
-        lines.append(f"| {r['load']:.0%} | {r['policy']} | {r['rate_rps']} | {r['throughput_rps']} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {ratio:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loads = sorted({r["load"] for r in report["results"]})
-    fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
-    for ax, load in zip(axes[0], loads, strict=True):
-        for r in (r for r in report["results"] if r["load"] == load):
-            ax.plot(r["cdf_ms"], np.arange(1, 100) / 100, label=r["policy"])
-        ax.set_xscale("log")
-        ax.set_title(f"{load:.0%} of capacity" + (" (bursty)" if report["bursty"] else ""))
-        ax.set_xlabel("latency (ms)")
-        ax.set_ylabel("fraction answered")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m exitserve.loadtest.simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["fit", "compare"])
-    p.add_argument("--checkpoint", default="server/default_model")
-    p.add_argument("--data", default=None)
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--costs", default=str(OUT / "costs.json"))
-    p.add_argument("--overhead-ms", type=float, default=None, help="per-request overhead outside the scheduler")
-    p.add_argument("--loads", default="0.5,0.7,0.9")
-    p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--seconds", type=float, default=120.0, help="simulated seconds per point")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--bursty", action="store_true")
-    p.add_argument("--slo-factor", type=float, default=None, help="slo = this x the unloaded latency")
-    p.add_argument("--name", default=None)
-    args = p.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
-    if args.what == "fit":
-        from exitserve.models.data import DEFAULT_DATA
-
-        costs = fit(args.checkpoint, args.data or DEFAULT_DATA, args.backend)
-        if args.overhead_ms is not None:
-            costs["overhead"] = args.overhead_ms / 1000
-        Path(args.costs).write_text(json.dumps(costs) + "\n")
-        print(f"wrote {args.costs}: run {costs['run']}, layer {costs['layer']}")
-        return
-    costs = json.loads(Path(args.costs).read_text())
-    if args.overhead_ms is not None:
-        costs["overhead"] = args.overhead_ms / 1000
-    report = compare(costs, [float(x) for x in args.loads.split(",")], args.policies.split(","), args.seconds,
-                     Limits(args.max_batch_size), args.bursty, args.slo_factor)
-    stem = OUT / (args.name or ("compare_bursty" if args.bursty else "compare"))
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json, {stem}.md, {plot(report, Path(f'{stem}.png'))}")
-
-
-if __name__ == "__main__":
-    main()
