@@ -190,3 +190,15 @@ def test_request_path_profiles_both_servers(tiny_checkpoint, tmp_path):
     for name, profile in servers.items():
         assert profile["requests"] > 0 and profile["total_ms"] > 0, name
         assert "model (session.run)" in profile["ms_per_request"], name
+
+
+@pytest.mark.timeout(300)
+def test_memory_phases_read_a_live_server(tiny_checkpoint, monkeypatch):
+    from exitserve.loadtest import memory
+
+    monkeypatch.setattr(memory.time, "sleep", lambda s: None)
+    port = free_port()
+    with running(exitserve_command(tiny_checkpoint, port, "ort_arena=false"), port) as url:
+        monkeypatch.setattr(memory, "run_load", lambda *a, **k: asyncio.sleep(0))  # no overload phase here
+        phases = memory.phases(url, ["a fine film", "a dull one"] * 20)
+    assert set(phases) == {"rest", "burst", "overload", "after"} and all(v > 20 for v in phases.values())

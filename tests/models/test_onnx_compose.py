@@ -114,3 +114,12 @@ def test_thresholds_at_the_edges(tokenizer, samples, tmp_path):
     assert set(backend.run(samples, np.zeros((n, TINY_LAYERS), np.float32), criterion).exit_layer) == {1}
     full = backend.run(samples, np.ones((n, TINY_LAYERS), np.float32), criterion, trace=True)
     assert set(full.exit_layer) == {TINY_LAYERS} and not np.isnan(full.trace_logits).any()
+
+
+def test_int8_weights_compose_too(tokenizer, samples, tmp_path):
+    family_backend("bert", tokenizer, tmp_path / "bert")
+    int8 = create_backend(load_checkpoint(tmp_path / "bert"), "onnxruntime", quantize="int8")
+    assert int8.quantize == "int8"
+    thresholds = spread_thresholds(int8, int8.criterion, samples)
+    assert_same(int8.run(samples, thresholds, int8.criterion, trace=True),
+                run_layers(int8, samples, thresholds, int8.criterion, trace=True), atol=1e-4)
