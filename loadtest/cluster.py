@@ -181,6 +181,10 @@ class RayCluster:
         netns.kill_all(self.hosts[name].namespace)
         self.nodes.pop(name).wait(10)
 
+    def cut_node(self, name: str) -> None:
+        """What a network partition does to a node: it runs on, unreachable."""
+        self.network.cut(name)
+
     def stop(self) -> None:
         """Kill every node, remove the namespaces and Ray's files; safe after a failed start."""
         try:
@@ -255,8 +259,7 @@ class RayCluster:
     def poll(self, seconds: float, condition: Condition | None = None,
              seen: Callable[[str, list[dict]], None] | None = None) -> bool:
         """Ask Ray's view every half second for up to `seconds` (passing each answer to `seen`): True as
-        soon as `condition(status, replicas)` holds, False when the time is up. A failed deployment
-        is an error at once."""
+        soon as `condition(status, replicas)` holds, False when the time is up."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             status, replicas = self.application()
@@ -264,14 +267,19 @@ class RayCluster:
                 seen(status, replicas)
             if condition is not None and condition(status, replicas):
                 return True
-            if status == "DEPLOY_FAILED":
-                raise ClusterError(f"the deployment failed: {self.api('GET', '/api/serve/applications/')}")
             time.sleep(0.5)
         return False
 
     def wait_healthy(self, replicas: int, timeout: float = 180) -> None:
-        """Wait for exactly `replicas` running replicas and nothing else."""
-        if not self.poll(timeout, lambda status, found: healthy(status, found, replicas)):
+        """Wait for exactly `replicas` running replicas and nothing else; a failed deployment is an error."""
+
+        def done(status: str, found: list[dict]) -> bool:
+            if status == "DEPLOY_FAILED":
+                app = self.api("GET", "/api/serve/applications/")["applications"][APP_NAME]
+                raise ClusterError(f"the deployment failed: {[d['message'] for d in app['deployments'].values()]}")
+            return healthy(status, found, replicas)
+
+        if not self.poll(timeout, done):
             raise ClusterError(f"not {replicas} healthy replicas after {timeout:g} s: {self.application()}")
 
     def placement(self) -> dict[str, str]:

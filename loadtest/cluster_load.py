@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from exitserve.loadtest import netns
 from exitserve.loadtest.http_client import Client
+from exitserve.loadtest.reliability.report import pct
 from exitserve.server.app import create_app
 from exitserve.server.ray_proxy import RETRIES_HEADER
 from exitserve.server.ray_serve import MODEL_HEADER, REPLICA_HEADER
@@ -137,6 +138,13 @@ def counts(answers: list[Answer]) -> dict:
             "statuses": dict(Counter(str(a.status) for a in answers if a.verdict == "failed")),
             "retried": sum(a.retries > 0 for a in answers),
             "models": dict(Counter(a.model for a in answers if a.verdict == "ok"))}
+
+
+def latencies(answers: list[Answer]) -> dict:
+    """p50/p99/max of the answers' latency, in ms."""
+    values = [(a.done - a.sent) * 1000 for a in answers]
+    return {f"p{p}": round(pct(values, p), 1) if values else None for p in (50, 99)} | {
+        "max": round(max(values), 1) if values else None}
 
 
 def throughput(answers: list[Answer], bucket: float = 1.0) -> list[tuple[float, float]]:

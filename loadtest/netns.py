@@ -147,6 +147,10 @@ class Network:
             raise
         return self.hosts
 
+    def cut(self, name: str) -> None:
+        """Unplug a host's cable: its processes run on, but no packet reaches it or leaves it."""
+        _ip("-n", self.switch, "link", "set", f"v{list(self.hosts).index(name) + 1}", "down")
+
     def remove(self) -> None:
         for name in [host.namespace for host in self.hosts.values()] + [self.switch]:
             delete(name)

@@ -6,16 +6,22 @@ root namespace at any point (sampled every second), and nothing is left afterwar
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install '.[ray]')")
 
 from exitserve.loadtest import netns
 from exitserve.loadtest.cluster import (
+    MARKER,
     SERVE_PORT,
     RayCluster,
     healthy,
     marked_processes,
+    root_listeners,
     running,
     serve_config,
 )
@@ -63,3 +69,21 @@ def test_multinode_cluster_spreads_replicas_survives_a_node_and_leaves_nothing(t
     assert marked_processes(cluster.tag) == []
     assert not [name for name in netns.ours() if name.startswith(cluster.tag)]
     assert not cluster.dir.exists()
+
+
+def test_the_root_namespace_check_sees_a_marked_listener_and_nothing_else():
+    """The check the cluster relies on can fail: a marked process listening in the root namespace (on
+    loopback, to stay harmless) is found, with its address; the same process unmarked is not."""
+    listen = ("import socket, time; s = socket.create_server(('127.0.0.1', 0)); "
+              "print(s.getsockname()[1], flush=True); time.sleep(60)")
+    for marked in (True, False):
+        env = {**os.environ, **({MARKER: "exs-probe"} if marked else {})}
+        proc = subprocess.Popen([sys.executable, "-c", listen], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            port = proc.stdout.readline().strip()
+            found = root_listeners("exs-probe")
+            assert [f"127.0.0.1:{port}" in line for line in found] == ([True] if marked else [])
+            assert (marked_processes("exs-probe") == [proc.pid]) == marked
+        finally:
+            proc.kill()
+            proc.wait()
