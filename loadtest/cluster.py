@@ -144,7 +144,6 @@ class RayCluster:
         self.nodes: dict[str, subprocess.Popen] = {}
         self.watch = RootWatch(self.tag)
         self.dashboard = f"http://{self.hosts['head'].address}:{DASHBOARD_PORT}"
-        self.url = f"http://{self.hosts['head'].address}:{SERVE_PORT}"  # the head node's Serve proxy
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self, timeout: float = 120) -> RayCluster:
