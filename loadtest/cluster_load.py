@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -45,6 +45,14 @@ def expected_answers(checkpoint: str | Path, texts: list[str]) -> tuple[str, lis
         return name.lower(), [plain.post("/predict", json={"text": t}).json() for t in texts]
 
 
+def parsed(payload: bytes) -> dict:
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
 def same_answer(got: dict, want: dict) -> bool:
     return (got.get("prediction"), got.get("exit_layer")) == (want["prediction"], want["exit_layer"]) and abs(
         got.get("confidence", -1) - want["confidence"]) <= CONFIDENCE_TOLERANCE
@@ -62,7 +70,8 @@ class Answer:
 
 
 class SteadyLoad:
-    """Closed-loop load on `url`'s /predict from `namespace`; `start()`, then `stop()` -> answers."""
+    """Closed-loop load on host:port's /predict from inside `namespace`; `start()`, then `stop()` -> answers
+    (requests still in flight at `stop()` are dropped, not counted)."""
 
     def __init__(self, namespace: str, host: str, port: int, texts: list[str], expected: dict[str, list[dict]],
                  clients: int = 4):
@@ -124,7 +133,7 @@ class SteadyLoad:
                             headers.get(REPLICA_HEADER, ""), int(headers.get(RETRIES_HEADER, 0)))
             if status == 200:
                 want = self.expected.get(answer.model)
-                answer.verdict = "ok" if want and same_answer(json.loads(payload), want[text_index]) else "wrong"
+                answer.verdict = "ok" if want and same_answer(parsed(payload), want[text_index]) else "wrong"
             self.answers.append(answer)
             if status == 0:
                 await asyncio.sleep(0.05)  # nothing listening: do not spin
@@ -168,16 +177,6 @@ def recovered_after(answers: list[Answer], event: float, baseline_from: float, f
         if all(r >= fraction * baseline for _, r in after[k:k + hold]):
             return baseline, round(after[k][0] - event, 1)
     return baseline, None
-
-
-def first_failure_gap(answers: list[Answer], event: float) -> tuple[float | None, float | None]:
-    """When the failures after `event` began and ended, in seconds after it."""
-    failed = [a.done - event for a in answers if a.verdict != "ok" and a.done >= event]
-    return (round(min(failed), 2), round(max(failed), 2)) if failed else (None, None)
-
-
-def as_json(answers: list[Answer]) -> list[dict]:
-    return [asdict(a) for a in answers]
 
 
 def plot_timeline(path: Path, answers: list[Answer], events: dict[str, float],

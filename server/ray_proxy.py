@@ -57,27 +57,32 @@ class RayErrorFormat:
         await self.app(scope, receive, rewrite)
 
 
-async def _read_body(receive) -> tuple[bytes, bool]:
-    """The request body up to just over RETRY_BODY_LIMIT, and whether more of it is still unread."""
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the client left: the proxy will see it too
-            return body, False
-        body += message.get("body", b"")
-        if not message.get("more_body", False) or len(body) > RETRY_BODY_LIMIT:
-            return body, message.get("more_body", False)
-
-
-def _replay(body: bytes, more: bool, receive):
+class Replay:
     """A `receive` that hands out the body read so far, then the client's own messages (the rest of
-    the body, or its disconnect)."""
-    pending = [{"type": "http.request", "body": body, "more_body": more}]
+    the body, or its disconnect), noting whether the client has left."""
 
-    async def receive_again():
-        return pending.pop() if pending else await receive()
+    def __init__(self, receive):
+        self.receive, self.body, self.more, self.client_left = receive, b"", True, False
 
-    return receive_again
+    async def read_body(self) -> None:
+        """Read the body up to just over RETRY_BODY_LIMIT (`more`: whether some is still unread)."""
+        while self.more and len(self.body) <= RETRY_BODY_LIMIT and not self.client_left:
+            message = await self.next()
+            self.body += message.get("body", b"")
+            self.more = message.get("more_body", False)
+
+    async def next(self) -> dict:
+        message = await self.receive()
+        self.client_left = self.client_left or message["type"] == "http.disconnect"
+        return message
+
+    def again(self):
+        pending = [{"type": "http.request", "body": self.body, "more_body": self.more}]
+
+        async def receive_again():
+            return pending.pop() if pending else await self.next()
+
+        return receive_again
 
 
 class RetryLostReplica:
@@ -86,8 +91,8 @@ class RetryLostReplica:
     Ray's router retries only requests that no replica has accepted yet; when the replica dies with
     the request in hand (its node lost, its process killed), Ray's proxy sends no response at all and
     the client would get a bare 500. Every exitserve route is a pure function of the request, so it
-    is safe to send it again: up to RETRY_ATTEMPTS replicas, then 503 `unavailable`. A response that
-    has started is never retried, and neither is a body over RETRY_BODY_LIMIT (it is not kept)."""
+    is safe to send it again: up to RETRY_ATTEMPTS replicas, then 503 `unavailable`. Never retried: a
+    response that has started, a body over RETRY_BODY_LIMIT (it is not kept), a client that left."""
 
     def __init__(self, app):
         self.app = app
@@ -95,9 +100,10 @@ class RetryLostReplica:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        body, more = await _read_body(receive)
-        if more or len(body) > RETRY_BODY_LIMIT:
-            return await self.app(scope, _replay(body, more, receive), send)
+        replay = Replay(receive)
+        await replay.read_body()
+        if replay.more or len(replay.body) > RETRY_BODY_LIMIT:
+            return await self.app(scope, replay.again(), send)
         for attempt in range(RETRY_ATTEMPTS):
             started = False
 
@@ -109,8 +115,8 @@ class RetryLostReplica:
                         message["headers"] = [*message.get("headers", []), (RETRIES_HEADER.encode(), b"%d" % retries)]
                 await send(message)
 
-            await self.app(dict(scope), _replay(body, False, receive), forward)
-            if started:
+            await self.app(dict(scope), replay.again(), forward)
+            if started or replay.client_left:
                 return
             log.warning("%s %s: the replica was lost before it answered (attempt %d of %d)", scope["method"],
                         scope["path"], attempt + 1, RETRY_ATTEMPTS)

@@ -8,6 +8,7 @@ is sent again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -258,3 +259,23 @@ def test_retries_are_bounded_and_large_bodies_and_started_answers_are_never_retr
 
     r = TestClient(RetryLostReplica(answers_500)).post("/predict", content=b"z")
     assert (r.status_code, len(calls)) == (500, 1)
+
+
+def test_a_request_whose_client_left_is_not_sent_again():
+    calls = []
+
+    async def proxy_sees_the_client_leave(scope, receive, send):  # Ray's proxy cancels such a request
+        calls.append(await receive())
+        assert (await receive())["type"] == "http.disconnect"
+
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message):
+        raise AssertionError(f"nothing is sent to a client that left: {message}")
+
+    asyncio.run(RetryLostReplica(proxy_sees_the_client_leave)({"type": "http", "method": "POST", "path": "/predict"},
+                                                              receive, send))
+    assert calls == [{"type": "http.request", "body": b"{}", "more_body": False}]
