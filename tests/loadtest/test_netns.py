@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,10 @@ def test_hosts_talk_over_the_bridge_and_the_root_namespace_sees_none_of_it():
             socket.create_connection((a.address, port), timeout=1)
         assert a.address not in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
         sleeper = subprocess.Popen(netns.command(a.namespace, [sys.executable, "-c", "import time; time.sleep(60)"]))
-        assert sleeper.pid in netns.pids(a.namespace)
+        end = time.monotonic() + 10
+        while sleeper.pid not in netns.pids(a.namespace):  # `ip netns exec` enters it right after the fork
+            assert time.monotonic() < end, "the process never entered its namespace"
+            time.sleep(0.05)
     assert sleeper.wait(10) == -9  # removing the network killed what ran in it
     assert not [n for n in netns.ours() if n.startswith(network.tag)]
     assert subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout == root_addresses
