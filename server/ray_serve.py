@@ -8,9 +8,9 @@ routes requests to replicas; every response names its replica in the `x-exitserv
 Backpressure: a replica takes at most `max_ongoing_requests` requests at once (its scheduler
 batches them layer by layer); each proxy queues at most `max_queued_requests` more for the whole
 deployment and answers the rest 429 with Retry-After at once. Ray's own plain-text errors (429,
-408 timeout, 503 no replica) are put into exitserve's `{"error": ...}` format by
-`proxy_middlewares`, which the proxies load from the environment variable named by
-`PROXY_CALLBACK_ENV` (set automatically for a local instance).
+408 timeout, 503 no replica) are put into exitserve's `{"error": ...}` format, and a request whose
+replica died holding it is sent to another replica, by `proxy_middlewares`, which the proxies load
+from the environment variable named by `PROXY_CALLBACK_ENV` (set automatically for a local instance).
 
 Two entry points: `exitserve serve --ray` (`run`), and `serve run deploy/ray-serve.yaml`
 (`app_builder`). See docs/RAY.md.
