@@ -33,6 +33,11 @@ class Client:
         return await asyncio.open_connection(self.host, self.port)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        status, _, payload = await self.fetch(method, path, body)
+        return status, payload
+
+    async def fetch(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body)."""
         async with self.slots:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -41,7 +46,7 @@ class Client:
             finally:
                 self.in_flight -= 1
 
-    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         reader, writer = await self._connection()
         close = "" if self.keep_alive else "connection: close\r\n"
         head = (f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
@@ -61,7 +66,8 @@ class Client:
             self._idle.append((reader, writer, time.monotonic()))
         else:
             writer.close()
-        return int(headers[0].split()[1]), payload
+        fields = dict(h.split(":", 1) for h in headers[1:] if ":" in h)
+        return int(headers[0].split()[1]), {k.strip(): v.strip() for k, v in fields.items()}, payload
 
     def close(self) -> None:
         for _, writer, _ in self._idle:

@@ -8,9 +8,9 @@ routes requests to replicas; every response names its replica in the `x-exitserv
 Backpressure: a replica takes at most `max_ongoing_requests` requests at once (its scheduler
 batches them layer by layer); each proxy queues at most `max_queued_requests` more for the whole
 deployment and answers the rest 429 with Retry-After at once. Ray's own plain-text errors (429,
-408 timeout, 503 no replica) are put into exitserve's `{"error": ...}` format by
-`proxy_middlewares`, which the proxies load from the environment variable named by
-`PROXY_CALLBACK_ENV` (set automatically for a local instance).
+408 timeout, 503 no replica) are put into exitserve's `{"error": ...}` format, and a request whose
+replica died holding it is sent to another replica, by `proxy_middlewares`, which the proxies load
+from the environment variable named by `PROXY_CALLBACK_ENV` (set automatically for a local instance).
 
 Two entry points: `exitserve serve --ray` (`run`), and `serve run deploy/ray-serve.yaml`
 (`app_builder`). See docs/RAY.md.
@@ -42,6 +42,7 @@ log = logging.getLogger("exitserve")
 
 APP_NAME = "exitserve"
 REPLICA_HEADER = "x-exitserve-replica"
+MODEL_HEADER = "x-exitserve-model"  # the checkpoint directory's name, as /info's "model": old or new in an update
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "exitserve.server.ray_proxy:proxy_middlewares"
 
@@ -60,6 +61,11 @@ class RayOptions(BaseModel):
     max_queued_requests: int = Field(64, ge=0, description="requests each proxy queues; beyond: 429")
     metrics_port: int | None = Field(None, ge=1, le=65535,
                                      description="if set, replica k on a node serves /metrics on this + k")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="a hard spread: at most this many per node")
+    max_surge_percent: int = Field(0, ge=0, le=100, description="extra replicas a rolling update may start first")
+    upscale_delay_s: float = Field(30, ge=0, description="autoscaling: load must stay high this long to add")
+    downscale_delay_s: float = Field(600, ge=0, description="autoscaling: load must stay low this long to remove")
+    look_back_period_s: float = Field(30, gt=0, description="autoscaling: the window its load average covers")
 
     @model_validator(mode="after")
     def _replica_range(self) -> RayOptions:
@@ -72,7 +78,8 @@ class RayOptions(BaseModel):
         if self.max_replicas is not None:
             scaling = {"num_replicas": "auto", "autoscaling_config": {
                 "min_replicas": self.num_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests,
+                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
             }}
         return {
             **scaling,
@@ -81,6 +88,8 @@ class RayOptions(BaseModel):
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"status_code": 429, "retry_after_s": 1},
             "max_constructor_retry_count": 2,  # a broken checkpoint fails the deployment, not 20 retries
+            "max_replicas_per_node": self.max_replicas_per_node,
+            "max_surge_percent": self.max_surge_percent,
         }
 
     def cpus_needed(self) -> int:
@@ -97,10 +106,11 @@ class AppArgs(BaseModel):
 
 
 class ReplicaHeader:
-    """Pure ASGI: adds the replica's id to every HTTP response."""
+    """Pure ASGI: adds the replica's id and its model's name to every HTTP response."""
 
-    def __init__(self, app, replica: str):
-        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+    def __init__(self, app, replica: str, model: str):
+        self.app = app
+        self.headers = [(REPLICA_HEADER.encode(), replica.encode()), (MODEL_HEADER.encode(), model.encode())]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -108,7 +118,7 @@ class ReplicaHeader:
 
         async def send_with_header(message):
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), self.header]
+                message["headers"] = [*message.get("headers", []), *self.headers]
             await send(message)
 
         await self.app(scope, receive, send_with_header)
@@ -136,7 +146,7 @@ class ExitServeReplica:
                 log.warning("replica %s: no metrics port %d (%s); /metrics still answers", context.replica_tag,
                             port, exc)
         app = create_app(self.settings, service)
-        app.add_middleware(ReplicaHeader, replica=context.replica_tag)
+        app.add_middleware(ReplicaHeader, replica=context.replica_tag, model=service.name)
         return app
 
 
