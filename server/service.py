@@ -70,12 +70,12 @@ class PredictionService:
     layers, and the metrics. `predict` is the whole request path below HTTP (see the module docstring);
     `start`/`stop` bracket the server's life (warm-up before ready, drain on stop)."""
 
-    def __init__(self, checkpoint: Checkpoint, settings: Settings):
+    def __init__(self, checkpoint: Checkpoint, settings: Settings, name: str | None = None):
         self.checkpoint, self.settings = checkpoint, settings
         self.config = checkpoint.exit_config
         self.tokenizer = checkpoint.tokenizer
         self.criterion = self.config.make_criterion(settings.criterion)
-        self.name = checkpoint.path.name
+        self.name = name or checkpoint.path.name  # the name it is served under (server/registry.py)
         self.metrics = Metrics(self.name, self.config.num_layers)
         self.backend = create_backend(checkpoint, settings.runtime, settings.quantize, settings.ort_threads)
         # the checkpoint's threshold for this backend (int8 weights have their own calibration)
@@ -94,11 +94,11 @@ class PredictionService:
         self.warming_up = False  # warm-up batches are not traffic: the metrics skip them
 
     @classmethod
-    def load(cls, settings: Settings) -> PredictionService:
+    def load(cls, settings: Settings, name: str | None = None) -> PredictionService:
         """Load and validate the checkpoint (raises CheckpointError with a one-line reason)."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        return cls(load_checkpoint(settings.checkpoint, settings.device), settings)
+        return cls(load_checkpoint(settings.checkpoint, settings.device), settings, name)
 
     @property
     def room(self) -> int:
