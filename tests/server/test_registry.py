@@ -12,7 +12,7 @@ import weakref
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exitserve.models.checkpoint import WEIGHTS, save_checkpoint
+from exitserve.models.checkpoint import WEIGHTS
 from exitserve.server.main import run
 from exitserve.server.registry import (
     ModelLoadError,
@@ -23,27 +23,19 @@ from exitserve.server.registry import (
     threads_per_model,
 )
 from exitserve.server.settings import Settings
-from tests.conftest import make_exit_config, make_model
 from tests.server.conftest import make_client
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is a mess", "fine", "an utter delight"]
 
 
-@pytest.fixture(scope="module")
-def other_checkpoint(tmp_path_factory, tokenizer):
-    """A second SST-2-style classifier whose answers differ from tiny_checkpoint's."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-other"
-    return save_checkpoint(path, make_model(seed=11), tokenizer, make_exit_config(default_threshold=0.55))
-
-
-def test_names_threads_and_versions(tiny_checkpoint, other_checkpoint, tmp_path):
+def test_names_threads_and_versions(tiny_checkpoint, tiny_other_checkpoint, tmp_path):
     assert threads_per_model(Settings(), 1) is None  # one model: ONNX Runtime's own choice
     assert threads_per_model(Settings(ort_threads=3), 2) == 3  # set: per model
     assert threads_per_model(Settings(), 64) == 1  # never below one
     with pytest.raises(ValueError, match="model name"):
         Settings(models={"a/b": tiny_checkpoint})
     copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
-    assert model_version(copy) == model_version(tiny_checkpoint) != model_version(other_checkpoint)
+    assert model_version(copy) == model_version(tiny_checkpoint) != model_version(tiny_other_checkpoint)
     config = copy / "exit_config.json"
     config.write_text(config.read_text().replace('"default_threshold": 0.55', '"default_threshold": 0.6'))
     assert model_version(copy) != model_version(tiny_checkpoint)  # a recalibrated threshold is a new version
@@ -92,7 +84,7 @@ def answers(registry: ModelRegistry, name: str | None = None) -> list[tuple[str,
     return ask()
 
 
-def test_reload_switches_after_warm_up_and_drains_the_old_version(tiny_checkpoint, other_checkpoint, tmp_path):
+def test_reload_switches_after_warm_up_and_drains_the_old_version(tiny_checkpoint, tiny_other_checkpoint, tmp_path):
     """A request on the old version when the switch happens finishes there; the old scheduler stops only
     then; later requests get the new version; the old version is freed."""
     link = tmp_path / "current"
@@ -115,7 +107,7 @@ def test_reload_switches_after_warm_up_and_drains_the_old_version(tiny_checkpoin
         in_flight = asyncio.ensure_future(answers(registry))
         await asyncio.to_thread(entered.wait, 30)
         link.unlink()
-        link.symlink_to(other_checkpoint)  # what SIGHUP re-reads: the same path, a new version
+        link.symlink_to(tiny_other_checkpoint)  # what SIGHUP re-reads: the same path, a new version
         reload = asyncio.ensure_future(registry.reload("current"))
         while registry.get() is old:  # loaded and warmed up beside the old one, then switched
             await asyncio.sleep(0.01)
@@ -126,7 +118,7 @@ def test_reload_switches_after_warm_up_and_drains_the_old_version(tiny_checkpoin
         outcome = await reload
         assert not old.service.scheduler._thread.is_alive()
         assert outcome["changed"] and outcome["previous"] == old.version == model_version(tiny_checkpoint)
-        assert registry.get().version == outcome["version"] == model_version(other_checkpoint)
+        assert registry.get().version == outcome["version"] == model_version(tiny_other_checkpoint)
         unchanged = await registry.reload("current")
         freed = weakref.ref(old.service)
         registry.stop()
@@ -166,10 +158,10 @@ def test_a_damaged_checkpoint_is_refused_and_the_old_version_keeps_serving(tiny_
     assert metrics.registry.get_sample_value("exitserve_model_reloads_total", refused) == 2
 
 
-def test_several_models_need_a_name_and_one_does_not(tiny_checkpoint, other_checkpoint):
+def test_several_models_need_a_name_and_one_does_not(tiny_checkpoint, tiny_other_checkpoint):
     registry = ModelRegistry(Settings())
     assert registry.sole() is None and not registry.ready
-    registry = ModelRegistry.load(Settings(models={"a": tiny_checkpoint, "b": other_checkpoint}, ort_threads=1))
+    registry = ModelRegistry.load(Settings(models={"a": tiny_checkpoint, "b": tiny_other_checkpoint}, ort_threads=1))
     with pytest.raises(ModelNotNamed, match="serves a, b"):
         registry.get()
     assert registry.get("b").name == "b" and registry.sole() is None
