@@ -38,7 +38,6 @@ from exitserve.server.handling import (
 )
 from exitserve.server.handling import run as run_model
 from exitserve.server.oip_tensors import BinaryTensorRequest, BinaryTensorRoute, Tensor, decode_bytes, encode_response
-from exitserve.server.oip_tensors import strings as tensor_strings
 from exitserve.server.registry import ServedModel
 
 EXTENSIONS = ["binary_tensor_data"]
@@ -85,7 +84,8 @@ class InferInput(BaseModel):
     shape: list[int] = Field(..., description="[N] or [N, 1]: N texts")
     datatype: str = Field(..., description="BYTES")
     parameters: Parameters | None = Field(None, description="binary_data_size: its bytes follow the JSON header")
-    data: list | None = Field(None, description="the texts (absent when sent as binary data)")
+    data: list[str | list[str]] | None = Field(None, description="the texts, flat or [[text], ...] (absent when "
+                                               "sent as binary data)")
 
 
 class RequestedOutput(BaseModel):
@@ -233,7 +233,7 @@ def _texts(req: InferRequest, tail: bytes, wanted: list[str]) -> dict[str, list[
         elif tensor.data is None:
             raise APIError(422, "validation_error", f"{where}: no data")
         else:
-            texts = tensor_strings(tensor.data, where)
+            texts = [s for item in tensor.data for s in ([item] if isinstance(item, str) else item)]
         if len(texts) != tensor.shape[0]:
             raise APIError(422, "validation_error", f"{where}: shape {tensor.shape} but {len(texts)} texts")
         found[tensor.name] = texts

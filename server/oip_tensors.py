@@ -55,24 +55,6 @@ class BinaryTensorRoute(APIRoute):
         return route
 
 
-def strings(data: list, where: str) -> list[str]:
-    """A BYTES tensor's JSON `data`, nested or flat, as its strings in row-major order."""
-    out: list[str] = []
-    stack = [iter(data)]
-    while stack:  # iterative: a deeply nested list must not exhaust the interpreter's stack
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            if not isinstance(item, str):
-                raise APIError(422, "validation_error", f"{where}: BYTES data holds strings, not "
-                               f"{type(item).__name__}")
-            out.append(item)
-        else:
-            stack.pop()
-    return out
-
-
 def decode_bytes(raw: bytes, where: str) -> list[str]:
     """A binary BYTES tensor's elements (length-prefixed), decoded as UTF-8 text."""
     out, offset = [], 0

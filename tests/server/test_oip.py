@@ -110,7 +110,7 @@ def test_binary_tensor_data_in_and_out(client):
         ({"inputs": [{**text_input(["x"]), "datatype": "FP32"}]}, "texts are BYTES"),
         ({"inputs": [{**text_input(["x"]), "shape": [1, 2]}]}, "[N] or [N, 1]"),
         ({"inputs": [{**text_input(["x", "y"]), "shape": [3]}]}, "but 2 texts"),
-        ({"inputs": [text_input([1])]}, "strings, not int"),
+        ({"inputs": [text_input([1])]}, "data"),
         ({"inputs": [text_input([""])]}, "empty text"),
         ({"inputs": [text_input([])]}, "at least one"),
         ({"inputs": [text_input(["x"] * 9)]}, "at most 8"),
