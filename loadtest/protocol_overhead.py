@@ -76,7 +76,7 @@ def measure(checkpoint: str | None, data: str, rounds: int, warmup: int, thresho
                 if response.status_code != 200:
                     raise RuntimeError(f"{name}: {response.status_code} {response.text[:300]}")
                 if i >= warmup:
-                    ms[name].append(elapsed)
+                    ms[name].append(round(elapsed, 4))
     base_ms = ms["/predict"]
     result = {}
     for name, values in ms.items():
@@ -105,7 +105,7 @@ def plot(report: dict, path: Path) -> None:
 
     names = list(report["samples_ms"])
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.boxplot([report["samples_ms"][n] for n in names], showfliers=False)
+    ax.boxplot([report["samples_ms"][n] for n in names], whis=(5, 95), showfliers=False)
     ax.set_xticks(range(1, len(names) + 1), names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("latency at concurrency 1 (ms)")
     ax.set_title("The same request through each API (whiskers: 5th-95th percentile)", fontsize=10)

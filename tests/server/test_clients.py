@@ -89,6 +89,16 @@ def test_async_inference_client_answers_as_predict(server, sentences, expected, 
         assert same(mine, labels[0].label, labels[0].score), (labels, mine)
 
 
+def test_inference_client_sends_the_threshold_in_a_header(server, sentences):
+    """InferenceClient(headers={"x-exit-threshold": ...}): every request at that threshold."""
+    deepest = httpx.post(f"{server}/predict", json={"text": sentences[:20], "model": "sst2", "threshold": 1.0},
+                         headers={"Authorization": f"Bearer {KEY}"}).json()["results"]
+    client = InferenceClient(base_url=f"{server}/models/sst2", api_key=KEY, headers={"x-exit-threshold": "1"})
+    for text, mine in zip(sentences[:20], deepest, strict=True):
+        labels = client.text_classification(text)
+        assert same(mine, labels[0].label, labels[0].score), (text, labels, mine)
+
+
 def test_inference_client_at_the_root_must_name_a_model_while_two_are_served(server):
     with pytest.raises(HfHubHTTPError) as caught:
         InferenceClient(base_url=server, api_key=KEY).text_classification("fine")
