@@ -54,7 +54,7 @@ class ModelNotNamed(ValueError):
     """Several models are served and the request named none."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CheckpointError):
     """A model's checkpoint cannot be served; the message names the model and says why, in one line."""
 
 
@@ -242,7 +242,7 @@ class ModelRegistry:
             except asyncio.TimeoutError:
                 log.warning("model %s: %d requests still on the old version after %.0f s; stopping it", old.name,
                             old.leases, self.settings.drain_timeout)
-        old.service.stop()
+        await asyncio.to_thread(old.service.stop)  # it may wait for its worker: not on the event loop
 
     async def reload_all(self) -> None:
         """Reload every model from its own path (SIGHUP); a refused one is logged and keeps serving."""

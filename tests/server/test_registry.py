@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import shutil
 import threading
 import weakref
@@ -39,6 +40,11 @@ def test_names_threads_and_versions(tiny_checkpoint, tiny_other_checkpoint, tmp_
     config = copy / "exit_config.json"
     config.write_text(config.read_text().replace('"default_threshold": 0.55', '"default_threshold": 0.6'))
     assert model_version(copy) != model_version(tiny_checkpoint)  # a recalibrated threshold is a new version
+
+
+def test_the_models_setting_is_json_in_the_environment(monkeypatch, tiny_checkpoint, tiny_pair_checkpoint):
+    monkeypatch.setenv("EXITSERVE_MODELS", json.dumps({"sst": str(tiny_checkpoint), "sts": str(tiny_pair_checkpoint)}))
+    assert Settings().models == {"sst": tiny_checkpoint, "sts": tiny_pair_checkpoint}
 
 
 def test_every_api_addresses_each_model_by_name(tiny_checkpoint, tiny_pair_checkpoint):
