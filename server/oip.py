@@ -265,23 +265,23 @@ async def _infer(req: InferRequest, request: Request, name: str, version: str | 
         model = _at_version(model, version)
         config = model.service.config
         available = {out[0]: out for out in outputs_of(config)}
-        asked = req.outputs or [RequestedOutput(name=n) for n in available]
-        unknown = [o.name for o in asked if o.name not in available]
+        asked = [o.name for o in req.outputs] if req.outputs else list(available)
+        unknown = [n for n in asked if n not in available]
         if unknown:
             raise APIError(422, "validation_error", f"outputs: no output {unknown[0]!r}; this model has "
                            f"{', '.join(available)}")
-        binary = {o.name for o in asked if binary_all or _parameter(o.parameters or {}, "binary_data", bool,
-                                                                     f"outputs ({o.name}).parameters")}
+        binary = set(asked) if binary_all else {o.name for o in req.outputs or () if _parameter(
+            o.parameters or {}, "binary_data", bool, f"outputs ({o.name}).parameters")}
         tail = request.tail if isinstance(request, BinaryTensorRequest) else b""
         found = _texts(req, tail, inputs_of(config))
         texts, pairs = found["text"], found.get("text_pair")
         check_inputs(model.service, texts, pairs)
         outcome = await run_model(request, model, texts, pairs, threshold=threshold, truncate=truncate)
     tensors = []
-    for o in asked:
-        _, datatype, dims, values = available[o.name]
+    for output in asked:
+        _, datatype, dims, values = available[output]
         data = [x for p in outcome.predictions for x in values(p)]
-        tensors.append(Tensor(o.name, datatype, [len(texts), *dims], data))
+        tensors.append(Tensor(output, datatype, [len(texts), *dims], data))
     header = {"model_name": model.name, "model_version": model.version,
               **({"id": req.id} if req.id is not None else {}), "parameters": {"threshold": outcome.thresholds[0]}}
     headers = {**answer_headers(outcome, model), THRESHOLD_HEADER: f"{outcome.thresholds[0]:g}"}
