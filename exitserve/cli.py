@@ -168,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamically quantised weights")
 
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded SST-2 model)")
-    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (env EXITSERVE_CHECKPOINT)")
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP (default: the embedded SST-2 model)")
+    p.add_argument("checkpoint", nargs="*", default=[],
+                   help="checkpoint directories: one (env EXITSERVE_CHECKPOINT) or several, each a model of its "
+                   "own (env EXITSERVE_MODELS, JSON name -> directory)")
+    p.add_argument("--name", action="append", default=[],
+                   help="the name a model is served under, once per checkpoint in order (default: its directory's "
+                   "name); every API addresses models by it")
     p.add_argument("--host", default=None, help="default 127.0.0.1 (env EXITSERVE_HOST)")
     p.add_argument("--port", type=int, default=None, help="default 8000 (env EXITSERVE_PORT)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -307,14 +312,31 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {export_hf(load_checkpoint(args.checkpoint), args.output)}")
 
 
+def _served(checkpoints: list[str], names: list[str]) -> dict:
+    """The settings for the checkpoints and --name's given: `checkpoint` for one unnamed, else `models`."""
+    if names and len(names) != len(checkpoints):
+        raise ValueError(f"{len(names)} --name for {len(checkpoints)} checkpoints: give one per checkpoint, in order")
+    if len(checkpoints) == 1 and not names:
+        return {"checkpoint": checkpoints[0]}
+    if not checkpoints:
+        return {}
+    names = names or [Path(c).resolve().name for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models would be called the same ({', '.join(names)}): name each with --name")
+    return {"models": dict(zip(names, checkpoints, strict=True))}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from exitserve.server.main import run
     from exitserve.server.settings import Settings
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    for name, value in (("checkpoint", args.checkpoint), ("host", args.host), ("port", args.port)):
+    for name, value in (("host", args.host), ("port", args.port)):
         if value is not None:
             overrides[name] = value
+    overrides.update(_served(args.checkpoint, args.name))
+    if args.ray and "models" in overrides:
+        raise ValueError("--ray serves one model; start one deployment per model")
     if args.ray:
         from exitserve.server import ray_serve
 

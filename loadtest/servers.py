@@ -32,11 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def exitserve_command(checkpoint: str | Path | None, port: int, *settings: str) -> list[str]:
-    """`exitserve serve` on 127.0.0.1:port; checkpoint None serves the embedded default model."""
-    ckpt = [str(checkpoint)] if checkpoint else []
+def exitserve_command(checkpoint: str | Path | list[str | Path] | None, port: int, *settings: str,
+                      names: list[str] | None = None) -> list[str]:
+    """`exitserve serve` on 127.0.0.1:port; checkpoint None serves the embedded default model, a list
+    several models (called `names`, else by their directories)."""
+    ckpts = [str(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint] if checkpoint else [])]
+    named = [arg for name in names or () for arg in ("--name", name)]
     sets = [arg for item in settings for arg in ("--set", item)]
-    return [sys.executable, "-m", "exitserve", "serve", *ckpt, "--host", "127.0.0.1", "--port", str(port), *sets]
+    return [sys.executable, "-m", "exitserve", "serve", *ckpts, *named, "--host", "127.0.0.1", "--port", str(port),
+            *sets]
 
 
 def peer_command(model_dir: str | Path, port: int) -> tuple[list[str], dict]:

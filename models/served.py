@@ -24,7 +24,9 @@ log = logging.getLogger("exitserve")
 
 
 @dataclass
-class ServedModel:
+class LoadedCheckpoint:
+    """What serving a checkpoint needs, loaded and checked."""
+
     path: Path
     exit_config: ExitConfig
     encoder: TextEncoder
@@ -52,7 +54,7 @@ def _encoder(directory: Path, exit_config: ExitConfig, backbone_config: dict) ->
 def load_served(
     directory: str | Path, backend: str = "onnxruntime", quantize: str = "none", threads: int | None = None,
     device: str = "cpu", criterion: str | None = None, arena: bool = True,
-) -> ServedModel:
+) -> LoadedCheckpoint:
     """Load and validate what serving the checkpoint in `directory` needs (see the module docstring).
     `criterion` overrides the checkpoint's exit criterion; `threads` and `arena` are ONNX Runtime's."""
     directory = Path(directory)
@@ -66,7 +68,7 @@ def load_served(
         raise ValueError(f"backend=onnxruntime computes on the CPU; use backend=torch on {device}")
     encoder = _encoder(directory, exit_config, backbone_config)
     if backend == "torch":
-        return ServedModel(directory, exit_config, encoder, _torch_backend(directory, device))
+        return LoadedCheckpoint(directory, exit_config, encoder, _torch_backend(directory, device))
     from exitserve.models.backends.onnx_store import UnsupportedModel
 
     try:
@@ -74,8 +76,8 @@ def load_served(
                          threads, arena)
     except UnsupportedModel as exc:
         log.warning("%s: serving on torch instead of onnxruntime: %s", directory, exc)
-        return ServedModel(directory, exit_config, encoder, _torch_backend(directory, device))
-    return ServedModel(directory, exit_config, encoder, onnx)
+        return LoadedCheckpoint(directory, exit_config, encoder, _torch_backend(directory, device))
+    return LoadedCheckpoint(directory, exit_config, encoder, onnx)
 
 
 def _load_model(directory: Path):

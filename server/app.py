@@ -1,46 +1,51 @@
-"""The FastAPI app: `create_app` (the factory) and the routes.
+"""The FastAPI app: `create_app` (the factory) and exitserve's own routes.
 
-Routes read the `PredictionService` from `request.app.state.service`; all model work happens in the
-service and its scheduler. Request flow: `GuardMiddleware` (server/guard.py: API key, 429 at once
-while the queue is full, body size and time limits, request metrics) -> `predict` route (content type,
-validation) -> `PredictionService.predict`, raced against the client disconnecting (then the request's
-samples are cancelled and never computed) -> `LayerScheduler` -> response with timing headers. Every
-failure is answered from the one table in server/errors.py.
+Routes take the model a request names from `request.app.state.models` (server/registry.py: every
+served model by name); all model work happens in its `PredictionService` and scheduler. Request flow:
+`GuardMiddleware` (server/guard.py: API key, 429 at once while the queue is full, body size and time
+limits, request metrics) -> `predict` route (content type, validation; a TEI-shaped body is answered
+as TEI would: server/tei.py) -> `PredictionService.predict`, raced against the client disconnecting
+(then the request's samples are cancelled and never computed: server/handling.py) -> `LayerScheduler`
+-> response with timing headers. The other APIs have routers of their own: TEI / Hugging Face
+(server/tei.py), the Open Inference Protocol (server/oip.py), the admin reload (server/admin.py). Every
+failure is answered from the one table in server/errors.py, in the format of the API called.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
-import unicodedata
-from collections.abc import Awaitable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import Discriminator, Tag
 
+from exitserve.server import admin, oip, tei
 from exitserve.server.docs_ui import docs_router
 from exitserve.server.error_format import error_response
-from exitserve.server.errors import APIError, ClientGone, api_error, install_error_handlers
+from exitserve.server.errors import APIError, install_error_handlers
 from exitserve.server.guard import GuardMiddleware
+from exitserve.server.handling import answer_headers, check_inputs, models_of, require_json, run, serving
+from exitserve.server.registry import ModelRegistry
 from exitserve.server.schemas import (
+    BODY_FORMATS,
     ErrorResponse,
     InfoResponse,
+    ModelsResponse,
     PredictBatchResponse,
     PredictRequest,
     PredictResult,
+    ServedModelOut,
     StatusResponse,
 )
 from exitserve.server.service import Outcome, PredictionService
 from exitserve.server.settings import Settings
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503)}
-# what a text may hold and still be empty: whitespace, control and format (zero-width) characters
-INVISIBLE = frozenset(("Zs", "Zl", "Zp", "Cc", "Cf"))
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 422, 429, 500, 503)}
 router = APIRouter()
-T = TypeVar("T")
 
 
 def version() -> str:
@@ -50,49 +55,15 @@ def version() -> str:
         return "0+unknown"
 
 
-def service_of(request: Request) -> PredictionService:
-    return request.app.state.service
+def _body_format(body: Any) -> str:
+    """/predict's body: TEI's when it has `inputs` (TEI's /predict), else exitserve's."""
+    return BODY_FORMATS[1] if isinstance(body, dict) and "inputs" in body else BODY_FORMATS[0]
 
 
-async def require_json(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise APIError(415, "unsupported_media_type",
-                       f"send the body as application/json (got {media or 'no content type'})")
-
-
-async def _disconnected(request: Request) -> None:
-    # The body is already read, so the next ASGI message is the disconnect (Starlette's own pattern).
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it (its queued samples are then skipped
-    by the scheduler and never computed) and raise ClientGone. One watcher task, which cancels this
-    request's own task when the client goes (cheaper than racing two tasks with asyncio.wait)."""
-    handler, gone = asyncio.current_task(), asyncio.Event()
-
-    async def watch() -> None:
-        await _disconnected(request)
-        gone.set()
-        handler.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone.is_set():
-            raise ClientGone from None
-        raise
-    finally:
-        watcher.cancel()
-
-
-def blank(text: str) -> bool:
-    """True for a text with nothing a tokenizer would keep: only whitespace, control characters (NUL
-    included) or format characters (zero-width space, BOM, ...)."""
-    return all(unicodedata.category(c) in INVISIBLE for c in text)  # stops at the first visible one
+PredictBody = Annotated[
+    Annotated[PredictRequest, Tag(BODY_FORMATS[0])] | Annotated[tei.TeiRequest, Tag(BODY_FORMATS[1])],
+    Discriminator(_body_format),
+]
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -100,34 +71,12 @@ def _as_list(value: str | list[str]) -> list[str]:
 
 
 def validate(req: PredictRequest, service: PredictionService) -> tuple[list[str], list[str] | None]:
-    settings = service.settings
     texts = _as_list(req.text)
-    if not texts:
-        raise APIError(422, "validation_error", "text: give at least one text")
-    if len(texts) > settings.max_inputs_per_request:
-        raise APIError(422, "validation_error",
-                       f"text: {len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
     pairs = _as_list(req.text_pair) if req.text_pair is not None else None
-    if pairs is not None and not service.pair_input:
-        raise APIError(422, "validation_error", "text_pair: this model takes single texts, not pairs")
-    if pairs is None and service.pair_input:
-        raise APIError(422, "validation_error", "text_pair: this model scores pairs; give text_pair")
-    if pairs is not None and (isinstance(req.text, str) != isinstance(req.text_pair, str) or len(pairs) != len(texts)):
+    if pairs is not None and service.pair_input and (
+            isinstance(req.text, str) != isinstance(req.text_pair, str) or len(pairs) != len(texts)):
         raise APIError(422, "validation_error", "text_pair: must match text (a string, or a list of the same length)")
-    for field, values in (("text", texts), ("text_pair", pairs or [])):
-        for i, value in enumerate(values):
-            where = field if isinstance(req.text, str) else f"{field}[{i}]"
-            if len(value) > settings.max_chars:
-                raise APIError(422, "validation_error",
-                               f"{where}: {len(value)} characters; at most {settings.max_chars}")
-            if blank(value):
-                raise APIError(422, "validation_error", f"{where}: empty text (nothing but whitespace, control or "
-                               "zero-width characters)")
-            if not value.isascii():
-                try:
-                    value.encode()
-                except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" in the JSON
-                    raise APIError(422, "validation_error", f"{where}: not valid Unicode ({exc.reason})") from exc
+    check_inputs(service, texts, pairs, single=isinstance(req.text, str))
     return texts, pairs
 
 
@@ -152,23 +101,16 @@ def _result(service: PredictionService, outcome: Outcome, i: int) -> dict:
     return out
 
 
-@router.post("/predict", response_model=PredictResult | PredictBatchResponse, responses=ERRORS,
+@router.post("/predict", response_model=PredictResult | PredictBatchResponse | tei.TeiResponse, responses=ERRORS,
              dependencies=[Depends(require_json)], response_model_exclude_none=True)
-async def predict(req: PredictRequest, request: Request):
-    service = service_of(request)
-    if not service.ready:
-        raise APIError(503, "not_ready", "the model is not ready", {"Retry-After": "1"})
-    texts, pairs = validate(req, service)
-    try:
-        outcome = await unless_client_leaves(
-            request, service.predict(texts, pairs=pairs, threshold=req.threshold, trace=req.return_trace)
-        )
-    except Exception as exc:  # answered from the one error table (server/errors.py)
-        raise api_error(exc) from exc
-    t = outcome.timings
-    headers = {"x-total-time": f"{t.total * 1000:.3f}", "x-tokenization-time": f"{t.tokenization * 1000:.3f}",
-               "x-queue-time": f"{t.queue * 1000:.3f}", "x-inference-time": f"{t.inference * 1000:.3f}"}
-    results = [_result(service, outcome, i) for i in range(len(texts))]
+async def predict(req: PredictBody, request: Request):
+    if isinstance(req, tei.TeiRequest):
+        return await tei.classify(req, request)
+    with serving(request, req.model) as model:
+        texts, pairs = validate(req, model.service)
+        outcome = await run(request, model, texts, pairs, threshold=req.threshold, trace=req.return_trace)
+    headers = answer_headers(outcome, model)
+    results = [_result(model.service, outcome, i) for i in range(len(texts))]
     if isinstance(req.text, str):
         headers["x-exit-layer"] = str(results[0]["exit_layer"])
         return JSONResponse(results[0], headers=headers)
@@ -183,44 +125,65 @@ async def health() -> StatusResponse:
 
 @router.get("/ready", response_model=StatusResponse, responses={503: {"model": ErrorResponse}})
 async def ready(request: Request):
-    """Readiness: 200 only once the model is loaded and warmed up, and not while draining."""
-    service = service_of(request)
+    """Readiness: 200 only once every model is loaded and warmed up, and not while draining."""
     if request.app.state.draining:
         return error_response(503, "draining", "the server is shutting down")
-    if not service.ready:
+    if not models_of(request).ready:
         return error_response(503, "not_ready", "the model is loading")
     return StatusResponse(status="ready")
 
 
 @router.get("/info", response_model=InfoResponse, responses=ERRORS)
-async def info(request: Request) -> InfoResponse:
-    return InfoResponse(**service_of(request).info(), version=version())
+async def info(request: Request, model: Annotated[str | None, Query(
+        description="which model (GET /models lists them); needed only while several are served")] = None,
+) -> InfoResponse:
+    models = models_of(request)
+    served = models.get(model)
+    return InfoResponse(**served.service.info(), model_version=served.version, models=models.names, version=version())
+
+
+@router.get("/models", response_model=ModelsResponse, responses=ERRORS)
+async def models(request: Request) -> ModelsResponse:
+    """Every served model: its name (what every API addresses it by), version and readiness."""
+    return ModelsResponse(models=[
+        ServedModelOut(name=m.name, version=m.version, ready=m.service.ready, task=m.service.config.task,
+                       labels=m.service.config.label_names, pair_input=m.service.pair_input,
+                       num_layers=m.service.config.num_layers)
+        for m in models_of(request).served.values()
+    ])
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(models_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: Settings, service: PredictionService | None = None) -> FastAPI:
-    """The app. Pass a loaded `service` (the CLI does, so a bad checkpoint fails before serving);
-    otherwise it is loaded from `settings.checkpoint` at start-up."""
+def create_app(settings: Settings, models: ModelRegistry | PredictionService | None = None) -> FastAPI:
+    """The app. Pass the loaded models (the CLI does, so a bad checkpoint fails before serving; a lone
+    `PredictionService` is served as the only model); otherwise they are loaded from the settings at
+    start-up."""
+    if isinstance(models, PredictionService):
+        models = ModelRegistry.of(settings, models)
+    registry = models if models is not None else ModelRegistry(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if app.state.service is None:
-            app.state.service = PredictionService.load(settings)
+        if not registry.served:
+            registry.load_all()
         app.state.draining = False
-        await app.state.service.start()
+        await registry.start()
         yield
         app.state.draining = True
-        app.state.service.stop()
+        registry.stop()
 
     app = FastAPI(title="exitserve", version=version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Early-exit (BERxiT) inference for transformer encoders.")
-    app.state.settings, app.state.service, app.state.draining = settings, service, False
+                  description="Early-exit (BERxiT) inference for transformer encoders: exitserve's own API, "
+                  "text-embeddings-inference / Hugging Face Inference API classification, the Open Inference "
+                  "Protocol (KServe V2), several models by name, reload in place.")
+    app.state.settings, app.state.models, app.state.draining = settings, registry, False
     install_error_handlers(app)
-    app.include_router(router)
+    for api in (router, tei.router, oip.router, admin.router):
+        app.include_router(api)
     app.include_router(docs_router(app.title))  # /docs with its assets served locally (works offline)
-    app.add_middleware(GuardMiddleware, state=app.state)
+    app.add_middleware(GuardMiddleware, state=app.state, routes=app.routes)
     return app

@@ -4,7 +4,9 @@
 status, error type, Retry-After and failure-metric label (`exitserve_request_failures_total{reason}`);
 anything the model raises that is not in it is a 500 `inference_error`. The /predict route and
 `GuardMiddleware` both answer through `api_error` + `reply`, and `reply` only marks the request with
-its failure label: the middleware counts it, once per request, with the request's status.
+its failure label: the middleware counts it, once per request, with the request's status. Every
+answer's body is in the format of the API the request called (server/error_format.py: exitserve's,
+TEI's or the Open Inference Protocol's), with the same status and message.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exitserve.models.encoding import InputTooLong
-from exitserve.server.error_format import error_response
+from exitserve.server.error_format import DIALECT_KEY, error_response
+from exitserve.server.registry import ModelLoadError, ModelNotNamed, UnknownModel
 from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped, SloUnreachable
+from exitserve.server.schemas import BODY_FORMATS
 from exitserve.server.service import NonFiniteOutput
 
 FAILURE_KEY = "exitserve.failure"  # where `reply` leaves the failure label, in the request's scope state
+MODEL_KEY = "exitserve.model"  # the served model a request used (server/handling.py), in its scope state
 
 
 class ClientGone(Exception):
@@ -51,6 +56,10 @@ class ClientGoneMidBody(BodyReadError):
     """The client disconnected before sending the whole body."""
 
 
+class InvalidBinaryBody(BodyReadError):
+    """An Open Inference Protocol body whose binary-data header does not fit it (server/oip_tensors.py)."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one kind of failure is answered."""
@@ -74,6 +83,10 @@ ERRORS: dict[type[BaseException], ErrorKind] = {
     ClientGoneMidBody: ErrorKind(499, "client_closed_request", failure="disconnected_mid_body"),
     BodyTooLarge: ErrorKind(413, "payload_too_large"),
     BodyTimeout: ErrorKind(408, "request_timeout", failure="body_timeout", close=True),
+    InvalidBinaryBody: ErrorKind(400, "invalid_body"),
+    UnknownModel: ErrorKind(404, "model_not_found"),
+    ModelNotNamed: ErrorKind(422, "validation_error"),
+    ModelLoadError: ErrorKind(422, "reload_refused"),  # the admin route's: the old version keeps serving
 }
 MODEL_FAILED = ErrorKind(500, "inference_error", failure="inference")  # anything else raised while predicting
 
@@ -102,8 +115,9 @@ def api_error(exc: BaseException) -> APIError:
 def reply(scope: dict[str, Any], error: APIError) -> JSONResponse:
     """The error-format response for `error`; its failure label goes into the request's scope state,
     where GuardMiddleware counts it."""
-    scope.setdefault("state", {})[FAILURE_KEY] = error.failure
-    return error_response(error.status, error.type, error.message, error.headers)
+    state = scope.setdefault("state", {})
+    state[FAILURE_KEY] = error.failure
+    return error_response(error.status, error.type, error.message, error.headers, state.get(DIALECT_KEY, "exitserve"))
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -112,7 +126,7 @@ def _validation_message(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             pos = err["loc"][-1]
             return f"the body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')} at byte {pos}"
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and p not in BODY_FORMATS) or "body"
         parts.append(f"{where}: {err.get('msg')}")
     return "; ".join(parts) or "invalid request"
 
@@ -145,15 +159,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _body(request: Request, exc: BodyReadError) -> JSONResponse:
         return reply(request.scope, api_error(exc))
 
+    async def _from_table(request: Request, exc: Exception) -> JSONResponse:
+        return reply(request.scope, api_error(exc))
+
+    for raised_by_the_registry in (UnknownModel, ModelNotNamed, ModelLoadError):  # from any route
+        app.add_exception_handler(raised_by_the_registry, _from_table)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", _validation_message(exc))
+        return reply(request.scope, APIError(422, "validation_error", _validation_message(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), _http_message(exc),
-                              exc.headers)
+        error = APIError(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), _http_message(exc),
+                         exc.headers)
+        return reply(request.scope, error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return reply(request.scope, APIError(500, "internal_error", f"{type(exc).__name__}: {exc}"))

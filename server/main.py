@@ -1,7 +1,10 @@
-"""`exitserve serve`: load (and validate) the checkpoint, then run the app on uvicorn.
+"""`exitserve serve`: load (and validate) the checkpoints, then run the app on uvicorn.
 
-The checkpoint is loaded before uvicorn starts, so a broken one stops start-up with a one-line
-reason and exit code 2 and the server never answers at all. uvicorn runs with the connection limits
+Every model is loaded before uvicorn starts, so a broken one stops start-up with a one-line reason
+naming the model, exit code 2, and the server never answers at all. SIGHUP reloads every model from
+its checkpoint directory in place (server/registry.py: validated and warmed up before the switch, the
+old version drained; a checkpoint that cannot be served is refused and logged, the old one keeps
+serving). uvicorn runs with the connection limits
 of server/connections.py (slow heads, head size, number of connections) and `keep_alive_timeout`; the
 CLI has already re-executed the process on jemalloc when it is installed (server/allocator.py).
 On SIGTERM/SIGINT /ready turns 503 first; `drain_delay` seconds later (default 0: at once) uvicorn
@@ -11,7 +14,9 @@ scheduler stops and the process exits. A second signal skips the delay.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 import threading
 
@@ -19,11 +24,10 @@ import uvicorn
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
-from exitserve.models.backends.onnx_store import OnnxStoreError
-from exitserve.models.exit_config import BackboneError, CheckpointError
 from exitserve.server import allocator
 from exitserve.server.app import create_app
 from exitserve.server.connections import guarded_protocol
+from exitserve.server.registry import ModelLoadError, ModelRegistry
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 
@@ -39,6 +43,25 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.app_state, self.drain_delay = app_state, drain_delay
         self.delayed: threading.Timer | None = None
+        self.reloads: set[asyncio.Task] = set()
+
+    async def serve(self, sockets=None) -> None:
+        """uvicorn's, with SIGHUP reloading every model (only the main thread can take signals)."""
+        loop = asyncio.get_running_loop()
+        hup = hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread()
+        if hup:
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            await super().serve(sockets)
+        finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: reloading every model from its checkpoint")
+        task = asyncio.ensure_future(self.app_state.models.reload_all())
+        self.reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(self.reloads.discard)
 
     def handle_exit(self, sig, frame) -> None:
         self.app_state.draining = True
@@ -58,16 +81,18 @@ def run(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         PredictionService.own_process(settings)
-        service = PredictionService.load(settings)
-    except (CheckpointError, BackboneError, OnnxStoreError, ValueError) as exc:
+        models = ModelRegistry.load(settings)
+    except ModelLoadError as exc:
         print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
         return 2
     log.info("allocator: %s", allocator.loaded() or "system malloc")
-    log.info("loaded %s (%s, %d layers, criterion %s, default threshold %s) on %s", settings.checkpoint,
-             service.config.task, service.config.num_layers, service.criterion.name, service.default_threshold,
-             service.backend.name + ("" if service.backend.quantize == "none" else f" {service.backend.quantize}"))
-    app = create_app(settings, service)
-    refused = service.metrics.failures
+    for m in models.served.values():
+        s = m.service
+        log.info("loaded %s from %s (version %s; %s, %d layers, criterion %s, default threshold %s) on %s", m.name,
+                 m.path, m.version, s.config.task, s.config.num_layers, s.criterion.name, s.default_threshold,
+                 s.backend.name + ("" if s.backend.quantize == "none" else f" {s.backend.quantize}"))
+    app = create_app(settings, models)
+    refused = models.metrics.failures
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_timeout) or None, timeout_keep_alive=settings.keep_alive_timeout,

@@ -137,15 +137,15 @@ class ExitServeReplica:
         context = serve.get_replica_context()
         PredictionService.own_process(self.settings)
         service = PredictionService.load(self.settings)
+        app = create_app(self.settings, service)
         if self.metrics_port is not None:
             port = self.metrics_port + context.rank.local_rank
             try:
-                start_http_server(port, self.settings.host, service.metrics.registry)
+                start_http_server(port, self.settings.host, app.state.models.metrics.registry)
                 log.info("replica %s: metrics on %s:%d", context.replica_tag, self.settings.host, port)
             except OSError as exc:  # e.g. still held by a replica being replaced: serve anyway
                 log.warning("replica %s: no metrics port %d (%s); /metrics still answers", context.replica_tag,
                             port, exc)
-        app = create_app(self.settings, service)
         app.add_middleware(ReplicaHeader, replica=context.replica_tag, model=service.name)
         return app
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# /predict takes exitserve's body or TEI's (server/app.py): the tags of the two, which validation
+# errors' locations carry and their messages leave out
+BODY_FORMATS = ("exitserve", "tei")
+
 
 class PredictRequest(BaseModel):
     # strict: what the spec says, nothing coerced ("threshold": false or "return_trace": "yes" is a 422)
@@ -17,6 +21,8 @@ class PredictRequest(BaseModel):
         "1.0 runs every layer, 0.0 exits at layer 1",
     )
     return_trace: bool = Field(False, description="include every layer's confidence and prediction")
+    model: str | None = Field(None, description="which model answers (GET /models lists them); "
+                              "needed only while several are served")
 
 
 class LayerTraceOut(BaseModel):
@@ -91,8 +97,24 @@ class AuditInfo(BaseModel):
     autopilot: AutopilotInfo | None = Field(..., description="null unless target_agreement is set")
 
 
+class ServedModelOut(BaseModel):
+    name: str
+    version: str = Field(..., description="first 12 hex digits of the sha256 of the checkpoint's configs and weights")
+    ready: bool
+    task: str
+    labels: list[str]
+    pair_input: bool
+    num_layers: int
+
+
+class ModelsResponse(BaseModel):
+    models: list[ServedModelOut]
+
+
 class InfoResponse(BaseModel):
     model: str
+    model_version: str = Field(..., description="the checkpoint's version (see GET /models); changes on a reload")
+    models: list[str] = Field(..., description="every model this server serves")
     task: str
     task_type: str
     labels: list[str]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exitserve.models.answers import Prediction
-from exitserve.models.served import ServedModel, load_served
+from exitserve.models.served import LoadedCheckpoint, load_served
 from exitserve.server.audit import create_monitor
 from exitserve.server.cost import StepCost
 from exitserve.server.metrics import Metrics
@@ -74,14 +74,15 @@ class PredictionService:
     it, and the metrics. `predict` is the whole request path below HTTP (see the module docstring);
     `start`/`stop` bracket the server's life (warm-up before ready, drain on stop)."""
 
-    def __init__(self, model: ServedModel, settings: Settings):
-        self.model, self.settings = model, settings
-        self.config = model.exit_config
-        self.encoder = model.encoder
+    def __init__(self, loaded: LoadedCheckpoint, settings: Settings, name: str | None = None):
+        self.loaded, self.settings = loaded, settings
+        self.path = loaded.path
+        self.config = loaded.exit_config
+        self.encoder = loaded.encoder
         self.criterion = self.config.make_criterion(settings.criterion)
-        self.name = model.path.name
+        self.name = name or loaded.path.name  # the name it is served under (server/registry.py)
         self.metrics = Metrics(self.name, self.config.num_layers)
-        self.backend = model.backend
+        self.backend = loaded.backend
         # the checkpoint's threshold for this backend (int8 weights have their own calibration)
         self.calibrated_threshold = self.config.threshold_for(self.backend.calibration_key)
         self.audits = create_monitor(settings, self.config, self.calibrated_threshold, self.criterion,
@@ -109,15 +110,15 @@ class PredictionService:
             share_one_thread_pool(settings.ort_threads)
 
     @classmethod
-    def load(cls, settings: Settings) -> PredictionService:
+    def load(cls, settings: Settings, name: str | None = None) -> PredictionService:
         """Load and validate the checkpoint (raises CheckpointError with a one-line reason)."""
         if settings.runtime == "torch" and settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        model = load_served(settings.checkpoint, settings.runtime, settings.quantize, settings.ort_threads,
-                            settings.device, settings.criterion, settings.ort_arena)
-        return cls(model, settings)
+        loaded = load_served(settings.checkpoint, settings.runtime, settings.quantize, settings.ort_threads,
+                             settings.device, settings.criterion, settings.ort_arena)
+        return cls(loaded, settings, name)
 
     @property
     def room(self) -> int:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXITSERVE_", extra="ignore")
 
     checkpoint: Path = Field(DEFAULT_MODEL, description="checkpoint directory (default: the embedded SST-2 model)")
+    models: dict[str, Path] = Field(
+        default_factory=dict, description="several models in one server: name -> checkpoint directory (JSON in "
+        "EXITSERVE_MODELS); when set, `checkpoint` is not served. Each model has its own scheduler"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
@@ -64,7 +70,10 @@ class Settings(BaseSettings):
         "(set it above the load balancer's readiness poll interval)"
     )
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
-    api_key: str | None = Field(None, description="if set, /predict and /info need 'Authorization: Bearer KEY'")
+    api_key: str | None = Field(None, description="if set, /predict, /info and the model routes need "
+                                "'Authorization: Bearer KEY'")
+    admin_key: str | None = Field(None, description="if set, the admin routes (reload a model) answer to "
+                                  "'Authorization: Bearer ADMIN_KEY'; unset: they are off")
     warmup: bool = True
     gc_freeze: bool = Field(
         True, description="after warm-up, exempt every object alive (the model, the libraries) from garbage "
@@ -87,6 +96,15 @@ class Settings(BaseSettings):
     autopilot_min_samples: int = Field(100, ge=1, description="audits finished between two autopilot moves")
     autopilot_margin: float = Field(0.01, ge=0, description="hysteresis: lower only while the bound one step down "
                                     "stays >= target + this")
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, Path]) -> dict[str, Path]:
+        for name in models:
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, "
+                                 "starting with a letter or digit): it is part of URLs and metric labels")
+        return models
 
     @model_validator(mode="after")
     def _autopilot_needs_audits(self) -> Settings:

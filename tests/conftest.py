@@ -116,6 +116,13 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_other_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """A second SST-2-style classifier whose answers differ from tiny_checkpoint's (another version)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-other"
+    return save_checkpoint(path, make_model(seed=11), tokenizer, make_exit_config(default_threshold=0.55))
+
+
+@pytest.fixture(scope="session")
 def tiny_pair_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A saved STS-B-style pair regressor with the LTE module."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-stsb"

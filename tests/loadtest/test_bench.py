@@ -66,16 +66,18 @@ def test_bench_all_compares_exits_on_off_and_the_peer(tiny_checkpoint, tmp_path)
     assert any(name.startswith("memory:") for name in met)
 
 
-def test_locustfile_runs_headless_without_failures(tiny_checkpoint, tmp_path):
+def test_locustfile_runs_headless_without_failures_on_every_api(tiny_checkpoint, tiny_pair_checkpoint, tmp_path):
     port = free_port()
-    with running(exitserve_command(tiny_checkpoint, port), port) as base:
+    cmd = exitserve_command([tiny_checkpoint, tiny_pair_checkpoint], port, names=["sst", "sts"])
+    with running(cmd, port) as base:
         proc = subprocess.run(
             [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--host", base, "--headless",
-             "-u", "2", "-r", "2", "-t", "3s", "--only-summary", "--exit-code-on-error", "1"],
+             "-u", "4", "-r", "4", "-t", "4s", "--only-summary", "--exit-code-on-error", "1"],
             capture_output=True, text=True, timeout=60,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "/predict (1)" in proc.stderr + proc.stdout
+    for route in ("/predict (1)", "/models/{name} (TEI)", "/v2/models/{name}/infer"):
+        assert route in proc.stderr + proc.stdout, route
 
 
 def test_http_eval_scores_a_served_model(tiny_checkpoint, tmp_path):

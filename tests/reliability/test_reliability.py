@@ -102,8 +102,8 @@ class Instrumented:
                 self.gate.set()  # never leave the worker held: the server could not stop
 
     def failures(self, reason: str) -> float:
-        value = self.service.metrics.registry.get_sample_value("exitserve_request_failures_total", {"reason": reason})
-        return value or 0.0
+        registry = self.app.state.models.metrics.registry
+        return registry.get_sample_value("exitserve_request_failures_total", {"reason": reason}) or 0.0
 
 
 def same_answer(a: dict, b: dict) -> bool:
@@ -411,7 +411,7 @@ def test_api_key_is_compared_in_constant_time(tiny_checkpoint, monkeypatch):
     assert compared == [(b"guess", b"s3cret"), (b"s3cret", b"s3cret")]
 
 
-def test_no_route_takes_a_path_or_reads_files_named_by_the_request(tiny_checkpoint):
+def test_no_route_takes_a_path_or_reads_files_named_by_the_request_but_the_keyed_admin_reload(tiny_checkpoint):
     def paths(routes) -> set[str]:  # FastAPI keeps an included router as one entry
         found: set[str] = set()
         for route in routes:
@@ -420,10 +420,23 @@ def test_no_route_takes_a_path_or_reads_files_named_by_the_request(tiny_checkpoi
         return found
 
     app = create_app(Settings(checkpoint=tiny_checkpoint))
-    assert paths(app.routes) == {"/predict", "/health", "/ready", "/info", "/metrics", "/openapi.json", "/docs",
-                                 "/docs/oauth2-redirect", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css",
-                                 "/docs/favicon.png"}
+    v2 = "/v2/models/{name}"
+    assert paths(app.routes) == {
+        "/predict", "/health", "/ready", "/info", "/models", "/metrics", "/openapi.json", "/docs",
+        "/docs/oauth2-redirect", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css", "/docs/favicon.png",
+        "/", "/invocations", "/models/{name}", "/v2", "/v2/health/live", "/v2/health/ready", v2, v2 + "/ready",
+        v2 + "/infer", v2 + "/versions/{version}", v2 + "/versions/{version}/ready", v2 + "/versions/{version}/infer",
+        "/admin/models/{name}/reload"}
     spec = app.openapi()
-    assert all("parameters" not in op for ops in spec["paths"].values() for op in ops.values())
+    # parameters name a served model (looked up by name, never opened) or its version; nothing else
+    params = {p["name"] for ops in spec["paths"].values() for op in ops.values() for p in op.get("parameters", [])}
+    assert params == {"name", "version", "model"}
     fields = spec["components"]["schemas"]["PredictRequest"]["properties"]
-    assert set(fields) == {"text", "text_pair", "threshold", "return_trace"}
+    assert set(fields) == {"text", "text_pair", "threshold", "return_trace", "model"}
+    # the one body naming a directory: the admin reload, off without admin_key and keyed with it
+    assert set(spec["components"]["schemas"]["ReloadRequest"]["properties"]) == {"checkpoint"}
+    with TestClient(app) as c:
+        r = c.post("/admin/models/tiny-sst2/reload", json={"checkpoint": "/etc"})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "admin_off"
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, warmup=False, admin_key="adm"))) as c:
+        assert c.post("/admin/models/tiny-sst2/reload", json={"checkpoint": "/etc"}).status_code == 401

@@ -17,7 +17,7 @@ from tests.server.conftest import make_client
 
 def metric(client, name: str, **labels: str) -> float:
     """One sample of /metrics (the model label is implied)."""
-    service = client.app.state.service
+    service = client.app.state.models.sole()
     value = service.metrics.registry.get_sample_value(name, {"model": service.name, **labels})
     assert value is not None, name
     return value

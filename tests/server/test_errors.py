@@ -23,7 +23,7 @@ KEY = {"Authorization": "Bearer s3cret"}
 
 
 def failures(client, reason: str) -> float:
-    value = client.app.state.service.metrics.registry.get_sample_value(
+    value = client.app.state.models.metrics.registry.get_sample_value(
         "exitserve_request_failures_total", {"reason": reason})
     return value or 0.0
 
@@ -65,7 +65,7 @@ def test_the_api_key_is_checked_before_the_body_is_parsed_and_before_the_429_sho
         json_type = {"content-type": "application/json"}
         assert c.post("/predict", content=b"{not json", headers={**json_type, **KEY}).status_code == 422
 
-        c.app.state.service.scheduler.max_queue_size = 0  # the queue is full from now on
+        c.app.state.models.sole().scheduler.max_queue_size = 0  # the queue is full from now on
         r = c.post("/predict", json={"text": "hi"})
         assert error_of(r, 401, "unauthorized") and r.headers["www-authenticate"] == "Bearer"  # was 429
         r = c.post("/predict", json={"text": "hi"}, headers=KEY)
@@ -76,7 +76,7 @@ def test_the_api_key_is_checked_before_the_body_is_parsed_and_before_the_429_sho
 def test_overload_is_counted_once_whichever_path_refuses(tiny_checkpoint):
     with make_client(tiny_checkpoint, warmup=False, max_queue_size=2) as c:
         error_of(c.post("/predict", json={"text": ["a", "b", "c"]}), 429, "overloaded")  # the route: 3 > 2
-        c.app.state.service.scheduler.max_queue_size = 0
+        c.app.state.models.sole().scheduler.max_queue_size = 0
         error_of(c.post("/predict", json={"text": "a"}), 429, "overloaded")  # the middleware's shortcut
         assert failures(c, "overloaded") == 2
         metrics = c.get("/metrics").text
@@ -120,7 +120,7 @@ def test_non_finite_model_output_is_a_500_in_the_error_format_never_a_200(tiny_c
     with make_client(tiny_checkpoint, warmup=False, backend="torch") as c:
         assert c.post("/predict", json={"text": "fine"}).status_code == 200
         with torch.no_grad():
-            for head in c.app.state.service.scheduler.backend.model.heads:
+            for head in c.app.state.models.sole().scheduler.backend.model.heads:
                 head.classifier.bias.fill_(float("nan"))
         for body in ({"text": "a"}, {"text": ["a", "b"], "return_trace": True}, {"text": "a", "threshold": 0.0}):
             message = error_of(c.post("/predict", json=body), 500, "inference_error")

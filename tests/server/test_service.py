@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from exitserve.models.inference import predict
+from exitserve.server.metrics import ServerMetrics
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 from tests.conftest import TINY_LAYERS
@@ -75,13 +76,14 @@ def test_small_requests_are_tokenised_on_the_event_loop_and_large_ones_in_a_thre
 @pytest.mark.parametrize("freeze", [True, False])
 def test_objects_alive_after_warm_up_are_frozen_until_stop_and_gc_pauses_are_measured(tiny_checkpoint, freeze):
     service = PredictionService.load(Settings(checkpoint=tiny_checkpoint, gc_freeze=freeze))
+    server = ServerMetrics(lambda: [service.metrics])  # the process's metrics time the collector
     asyncio.run(service.start())
     frozen = gc.get_freeze_count()
     gc.collect()
     service.stop()
     assert (frozen > 10_000) == freeze  # the model, the tokenizer and the libraries
     assert gc.get_freeze_count() == 0
-    pauses = service.metrics.registry.get_sample_value("exitserve_gc_pause_seconds_count", {"generation": "2"})
+    pauses = server.registry.get_sample_value("exitserve_gc_pause_seconds_count", {"generation": "2"})
     assert pauses >= 1
 
 
@@ -104,8 +106,8 @@ def test_slo_admission_sheds_with_429_and_counts_each_outcome(tiny_checkpoint):
         assert r.status_code == 429 and r.json()["error"]["type"] == "slo_unreachable"
         assert "over the 50 ms SLO" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
         assert sample("shed") == 1
-        failures = service.metrics.registry.get_sample_value("exitserve_request_failures_total",
-                                                             {"reason": "slo_shed"})
+        failures = client.app.state.models.metrics.registry.get_sample_value("exitserve_request_failures_total",
+                                                                             {"reason": "slo_shed"})
         assert failures == 1
         assert service.metrics.registry.get_sample_value("exitserve_predicted_wait_seconds_count",
                                                          {"model": service.name}) == 1
