@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from exitserve.models.answers import Prediction
-from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.exit_config import ExitConfig
 from exitserve.server.error_format import OIP_PREFIX
 from exitserve.server.errors import APIError, UnknownModel
 from exitserve.server.handling import (
