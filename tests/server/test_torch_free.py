@@ -11,6 +11,7 @@ from exitserve.models.checkpoint import load_checkpoint
 
 SERVE_ONE = """
 import asyncio, sys
+import exitserve.server.main  # the whole server: every API's routes, the registry, uvicorn's set-up
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 from exitserve.cli import build_parser
