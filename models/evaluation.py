@@ -31,6 +31,15 @@ from exitserve.models.tasks import TaskSpec
 
 # The sweep is fine enough for calibration; the printed table and the timing use a few points.
 SWEEP_GRID = [round(t, 3) for t in np.arange(0.0, 1.0, 0.01)] + [0.995, 0.999, 1.0]
+# The learned rule's score is a probability of agreeing with the final layer: the thresholds that keep
+# a 1 % risk crowd into [0.9, 1), so its grid is ten times finer there.
+LEARNED_GRID = [round(t, 3) for t in np.arange(0.0, 0.9, 0.01)] + [round(t, 4) for t in np.arange(0.9, 1.0, 0.001)] \
+    + [0.9995, 0.9999, 1.0]
+
+
+def threshold_grid(criterion: ExitCriterion) -> list[float]:
+    """The thresholds a sweep and calibration consider for this criterion."""
+    return LEARNED_GRID if criterion.name == "learned" else SWEEP_GRID
 TIMED_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 
@@ -66,8 +75,9 @@ class ExitTable:
         return self.thresholds.index(threshold)
 
 
-def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] = SWEEP_GRID) -> ExitTable:
+def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] | None = None) -> ExitTable:
     num_layers = recorded.logits.shape[0]
+    grid = threshold_grid(criterion) if grid is None else grid
     sims = [simulate_exits(recorded, criterion, [threshold] * num_layers) for threshold in grid]
     return ExitTable(
         thresholds=[float(t) for t in grid],
@@ -101,7 +111,7 @@ def sweep(
     criterion: ExitCriterion,
     spec: TaskSpec,
     labels: Sequence[float],
-    grid: Sequence[float] = SWEEP_GRID,
+    grid: Sequence[float] | None = None,
 ) -> list[dict]:
     """Score and mean exit layer at each threshold (one threshold for all layers)."""
     return sweep_rows(exit_table(recorded, criterion, grid), spec.metric, labels)
