@@ -25,7 +25,7 @@ from exitserve.models.data import ColumnOptions, Examples, load_examples
 from exitserve.models.early_exit import AllExits
 from exitserve.models.encoding import Encoded, encode
 from exitserve.models.holdout import report_rows
-from exitserve.models.inference import predict, record_all_layers, simulate_exits
+from exitserve.models.inference import predict, record_all_layers
 from exitserve.models.scores import all_scores, score
 from exitserve.models.tasks import TaskSpec
 
@@ -75,18 +75,47 @@ class ExitTable:
         return self.thresholds.index(threshold)
 
 
-def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] | None = None) -> ExitTable:
-    num_layers = recorded.logits.shape[0]
-    grid = threshold_grid(criterion) if grid is None else grid
-    sims = [simulate_exits(recorded, criterion, [threshold] * num_layers) for threshold in grid]
+def layer_confidences(recorded: AllExits, criterion: ExitCriterion) -> np.ndarray:
+    """Every exit's confidence for every sample, `[L, N]`. A criterion's memory follows the layers, not
+    the exits, so one replay serves every threshold."""
+    memory = criterion.initial_memory(recorded.logits.shape[1])
+    out = []
+    for k in range(recorded.logits.shape[0]):
+        conf, memory = criterion.confidence(recorded.logits[k], recorded.lte[k] if recorded.lte is not None else None,
+                                            memory)
+        out.append(np.asarray(conf, np.float32))
+    return np.stack(out)
+
+
+def exit_index(confidence: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Each sample's 0-based exit layer under per-layer `thresholds`, from every layer's confidence
+    `[L, N]`: the engine's rule (models/criteria.exits_now), compared in float32 as the engine does."""
+    limits = np.asarray(thresholds, np.float32)[:, None]
+    leave = (confidence >= limits) & (limits < 1.0)
+    leave[-1] = True
+    return leave.argmax(axis=0)  # the first layer that lets the sample go
+
+
+def decision_table(confidence: np.ndarray, layer_answers: np.ndarray, grid: Sequence[float],
+                   regression: bool) -> ExitTable:
+    """The table of exits under each threshold of `grid` (one for all layers), from every layer's
+    confidence and answer `[L, N]`."""
+    num_layers, num = confidence.shape
+    exits = np.stack([exit_index(confidence, [threshold] * num_layers) for threshold in grid])
     return ExitTable(
         thresholds=[float(t) for t in grid],
-        answers=np.stack([answers(sim.logits, criterion.regression).numpy() for sim in sims]).astype(float),
-        exit_layer=np.stack([sim.exit_layer.numpy() for sim in sims]),
-        final=answers(recorded.logits[-1], criterion.regression).numpy().astype(float),
+        answers=layer_answers[exits, np.arange(num)].astype(float),
+        exit_layer=exits + 1,
+        final=layer_answers[-1].astype(float),
         num_layers=num_layers,
-        regression=criterion.regression,
+        regression=regression,
     )
+
+
+def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] | None = None) -> ExitTable:
+    layer_answers = answers(recorded.logits, criterion.regression).numpy()
+    return decision_table(layer_confidences(recorded, criterion), layer_answers,
+                          threshold_grid(criterion) if grid is None else grid, criterion.regression)
 
 
 def sweep_rows(table: ExitTable, metric: str, labels: Sequence[float]) -> list[dict]:
