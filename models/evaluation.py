@@ -209,6 +209,7 @@ def evaluate(
         "samples": len(rows),
         "metric": spec.metric,
         "criterion": criterion.name,
+        **({"rule": criterion.rule.describe()} if criterion.name == "learned" and criterion.rule else {}),
         "calibrated_threshold": cfg.default_threshold,
         "num_layers": cfg.num_layers,
         "final_layer_score": layers[-1]["score"],
@@ -278,6 +279,9 @@ def format_report(report: dict) -> str:
     lines = [
         *([f"rows: {report['rows']['note']}"] if "rows" in report else []),
         f"{report['samples']} samples, metric {report['metric']}, criterion {report['criterion']}",
+        *([f"exit rule: {report['rule']['kind']} on {', '.join(report['rule']['features'])}; fitted on "
+           f"{report['rule']['fitted'].get('rows')} rows of {report['rule']['fitted'].get('data')}"]
+          if "rule" in report else []),
         f"final layer: {report['final_layer_scores']}",
         "",
         "layer  score",

@@ -74,7 +74,6 @@ class TrainOptions(RunOptions):
     strategy: str = DEFAULT_STRATEGY
     lte_weight: float = 1.0  # J's weight (the reference's: 1)
     lte_target: str = "label"  # label: 1 - tanh|y_hat - y| (the reference); final: agreement with the last layer
-    start_at_mean: bool = True  # regression: every regressor's bias starts at the mean training label
 
 
 def trainer_arguments(options: RunOptions, output_dir: str | Path, **extra) -> TrainingArguments:
@@ -220,7 +219,7 @@ def train(options: TrainOptions) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
     model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
-    if spec.is_regression and options.start_at_mean:
+    if spec.is_regression:
         model.start_regression_at(sum(train_rows.labels) / len(train_rows))
     samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
     dataset = TextDataset(samples, train_rows.labels)

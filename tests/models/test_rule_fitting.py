@@ -90,8 +90,10 @@ def test_calibrate_on_the_rules_labelled_rows_leaves_them_out_and_evaluate_repor
     assert record["rule_rows"]["fit_fraction"] == 0.25 and record["samples"] == 150
     capsys.readouterr()
     assert main(["evaluate", str(ckpt), "--data", SST2, "--no-timing"]) == 0
-    assert "report rows only: 75 of 200 (75 chose the calibrated threshold, 50 fitted the exit rule" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "report rows only: 75 of 200 (75 chose the calibrated threshold, 50 fitted the exit rule" in out
+    assert f"exit rule: per-layer-logistic on gap, summed, previous, same, streak, lte; fitted on 50 rows of {SST2}" \
+        in out
 
 
 def test_a_regression_rule_needs_a_tolerance(tmp_path, tiny_pair_checkpoint, capsys):
