@@ -26,6 +26,7 @@ from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import encode
+from exitserve.models.evaluation import layer_confidences
 from exitserve.models.inference import predict, record_all_layers
 from exitserve.server.settings import DEFAULT_MODEL
 from tests.conftest import GLUE, TINY_LAYERS, model_checkpoint
@@ -121,7 +122,7 @@ def test_real_minilm_on_onnxruntime_answers_as_torch(sst2_model):
     pt_backend = create_backend(sst2_model, "torch")
     assert_same_model(ort_backend, pt_backend, samples[:32], atol=2e-4)
     criterion = sst2_model.exit_config.make_criterion()
-    confidence = record_all_layers(pt_backend, samples).logits.softmax(-1).amax(-1)  # [L, N]
+    confidence = torch.from_numpy(layer_confidences(record_all_layers(pt_backend, samples), criterion))  # [L, N]
     for threshold in (sst2_model.exit_config.default_threshold, 0.95):
         thresholds = [threshold] * criterion.num_layers
         on_ort = predict(ort_backend, criterion, samples, thresholds, batch_size=16)
