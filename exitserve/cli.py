@@ -154,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the random fraction of the rows that chooses the threshold; the rest reports it (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/report split (default 0)")
     p.add_argument("--max-samples", type=int, default=None, help="a random subset of the rows first")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help="calibrate this criterion's threshold and make it the checkpoint's (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_backend_args(p)
+
+    p = sub.add_parser("fit-exit-rule", help="fit the learned exit rule (criterion learned) on text, without labels",
+                       description="Fits a small per-layer model that predicts whether the final layer would give "
+                       "an exit's answer (models/exit_rule.py), on a seeded --fit-fraction of the rows; labels are "
+                       "never read. Then `exitserve calibrate CHECKPOINT --criterion learned` on the same data "
+                       "chooses its threshold on the other rows.")
+    p.add_argument("checkpoint")
+    _add_data_args(p, required=True, texts=True)
+    p.add_argument("--split", default="dev", help="the split of a labelled data set to use (default: dev)")
+    p.add_argument("--fit-fraction", type=float, default=0.25,
+                   help="the random fraction of the rows that fits the rule (default 0.25); the rest is left "
+                   "for calibration and report")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row selection (default 0)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="regression models (required there): an exit within this of the final layer's answer, "
+                   "in output units, counts as agreeing")
     p.add_argument("--batch-size", type=int, default=32)
     _add_backend_args(p)
     p = sub.add_parser("export", help="export the final layer as a stock Hugging Face classifier")
@@ -286,8 +306,22 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
     cfg = calibrate(ckpt, args.data, method, args.split, args.calibration_fraction, args.seed, args.max_samples,
-                    columns, args.batch_size, _backend(args, ckpt))
+                    columns, args.batch_size, _backend(args, ckpt), args.criterion)
     print(json.dumps(cfg.calibration, indent=2))
+
+
+def cmd_fit_exit_rule(args: argparse.Namespace) -> None:
+    from exitserve.models.checkpoint import load_checkpoint
+    from exitserve.models.rule_fitting import fit_exit_rule
+
+    ckpt = load_checkpoint(args.checkpoint)
+    columns = _columns(args, ckpt.exit_config.text_column) if args.text_column or args.pair_column else None
+    cfg = fit_exit_rule(ckpt, args.data, args.split, args.fit_fraction, args.seed, args.tolerance, columns,
+                        args.batch_size, _backend(args, ckpt))
+    print(json.dumps(cfg.exit_rule.describe(), indent=2))
+    split = "" if args.data.endswith(".txt") else f" --split {args.split}"
+    print(f"next: exitserve calibrate {args.checkpoint} --data {args.data}{split} --criterion learned (the rule's "
+          f"{cfg.exit_rule.fitted['rows']} rows are left out)")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -349,8 +383,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(Settings(**overrides))
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,
-            "export-onnx": cmd_export_onnx, "serve": cmd_serve}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
+            "fit-exit-rule": cmd_fit_exit_rule, "export": cmd_export, "export-onnx": cmd_export_onnx,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
     python -m exitserve.experiments.calibration_splits --checkpoint server/default_model \\
         --data ../shared/data/glue/SST-2 [--splits 100] [--out docs/results/calibration]
 
-Records every exit's output once over the split (dev), then for each of --splits seeded random
+Records every exit's output once over the split (dev) -- without the rows that fitted the checkpoint's
+learned exit rule, if it was fitted on this data -- then for each of --splits seeded random
 calibration/report splits (seed = split number, --calibration-fraction of the rows calibrate, as
 `exitserve calibrate` does) chooses a threshold on the calibration rows with each method and scores
 it on the report rows:
@@ -40,7 +41,7 @@ from exitserve.models.calibration import (
     split,
 )
 from exitserve.models.checkpoint import load_checkpoint
-from exitserve.models.holdout import split_rows
+from exitserve.models.holdout import rule_rows, split_rows
 
 
 def methods(max_drop: float, confidence: float, min_relative_score: float, tolerance: float | None,
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--min-relative-score", type=float, default=0.99)
     p.add_argument("--tolerance", type=float, default=None, help="regression consistency risk (output units)")
+    p.add_argument("--criterion", default=None, help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default="docs/results/calibration")
     p.add_argument("--name", default=None, help="file stem (default: <task>-<checkpoint directory name>)")
@@ -171,12 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.exit_config
     metric, examples = load_rows(ckpt, args.data, args.split, None, needs_labels=True)
-    rows = record_rows(ckpt, examples, metric, batch_size=args.batch_size)
+    fitted = rule_rows(cfg.exit_rule.fitted if cfg.exit_rule else None, examples)  # never calibrate or report on them
+    examples = examples.take(np.setdiff1d(np.arange(len(examples)), fitted).tolist())
+    criterion = args.criterion or cfg.criterion
+    rows = record_rows(ckpt, examples, metric, criterion, args.batch_size)
     chosen_by = methods(args.max_drop, args.confidence, args.min_relative_score, args.tolerance, cfg.regression)
     results = run_splits(rows, chosen_by, args.splits, args.calibration_fraction, args.tolerance)
     settings = {
         "checkpoint": args.checkpoint, "data": args.data, "split": args.split, "samples": len(rows),
-        "metric": metric, "criterion": cfg.criterion, "splits": args.splits,
+        "metric": metric, "criterion": criterion, "rule_rows_left_out": len(fitted), "splits": args.splits,
         "calibration_fraction": args.calibration_fraction, "max_drop": args.max_drop,
         "confidence": args.confidence, "min_relative_score": args.min_relative_score, "tolerance": args.tolerance,
         "command": "python -m exitserve.experiments.calibration_splits "

@@ -6,6 +6,11 @@ own `exitserve_average_layers_saved`, and latency at concurrency 1 (one text per
 
 With --checkpoint it starts `exitserve serve` on a free loopback port and stops it afterwards (so the
 metrics count only this run); with --url it uses a running server (loopback only).
+
+--held-out CHECKPOINT keeps only the rows that checkpoint never learned anything from: not the rows its
+exit rule was fitted on, not the rows its threshold was calibrated on (models/holdout.py; the default
+model's pool: `--data runs/default-model/SST-2 --split pool --held-out server/default_model`), and
+--exclude-split NAME also drops rows whose text is in that split of the same data (e.g. dev).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from tqdm.auto import tqdm
 
 from exitserve.loadtest.loadgen import check_loopback
 from exitserve.loadtest.servers import exitserve_command, free_port, running
-from exitserve.models.data import DEFAULT_DATA, ColumnOptions, load_examples
+from exitserve.models.checkpoint import ExitConfig
+from exitserve.models.data import DEFAULT_DATA, ColumnOptions, Examples, load_examples
+from exitserve.models.holdout import report_rows
 from exitserve.models.scores import all_scores
 
 
@@ -33,36 +40,75 @@ def scrape(text: str, name: str) -> float | None:
     return None
 
 
-def http_eval(base: str, data: str, split: str, max_samples: int | None) -> dict:
+def held_out_rows(rows: Examples, data: str, checkpoint: str | None, exclude_split: str | None,
+                  columns: ColumnOptions, labels: tuple | None) -> tuple[Examples, str]:
+    """The rows left once the checkpoint's rule and calibration rows (and `exclude_split`'s texts) are out."""
+    notes = []
+    if checkpoint is not None:
+        rows, selection = report_rows(ExitConfig.read(Path(checkpoint)).calibration, rows)
+        notes.append(selection["note"])
+    if exclude_split is not None:
+        _, other = load_examples(data, exclude_split, columns, labels)
+        seen = set(other.texts)
+        keep = [i for i, text in enumerate(rows.texts) if text not in seen]
+        notes.append(f"without the {len(rows) - len(keep)} whose text is in {exclude_split}: {len(keep)} rows")
+        rows = rows.take(keep)
+    return rows, "; ".join(notes)
+
+
+def http_eval(base: str, data: str, split: str, max_samples: int | None, held_out: str | None = None,
+              exclude_split: str | None = None, compare_final: bool = False) -> dict:
     check_loopback(base)
     info = httpx.get(f"{base}/info", timeout=10).json()
     columns = ColumnOptions(task_type=info["task_type"])
-    spec, rows = load_examples(data, split, columns, tuple(info["labels"]) or None)
+    labels = tuple(info["labels"]) or None
+    spec, rows = load_examples(data, split, columns, labels)
+    rows, note = held_out_rows(rows, data, held_out, exclude_split, columns, labels)
     rows = rows.subset(max_samples, seed=0)
-    predictions, latencies, exit_layers = [], [], []
     with httpx.Client(timeout=30) as client:
-        for i in tqdm(range(len(rows)), desc="HTTP predictions", unit="request"):
-            body: dict = {"text": rows.texts[i]}
-            if rows.pairs is not None:
-                body["text_pair"] = rows.pairs[i]
-            start = time.perf_counter()
-            resp = client.post(f"{base}/predict", json=body)
-            latencies.append((time.perf_counter() - start) * 1000)
-            resp.raise_for_status()
-            result = resp.json()
-            exit_layers.append(result["exit_layer"])
-            predictions.append(result["prediction"] if spec.is_regression else result["label_id"])
+        predictions, exit_layers, latencies = ask(client, base, rows, spec.is_regression)
         metrics = client.get(f"{base}/metrics").text
+        # the same rows at threshold 1.0 (every layer): the final layer's own score, through the same server
+        final = ask(client, base, rows, spec.is_regression, threshold=1.0)[0] if compare_final else None
     lat = sorted(latencies)
-    return {
-        "url": base, "data": data, "split": split, "samples": len(rows), "model": info["model"],
-        "default_threshold": info["default_threshold"], "num_layers": info["num_layers"],
-        "scores": all_scores(spec.metric, predictions, rows.labels),
+    scores = all_scores(spec.metric, predictions, rows.labels)
+    report = {
+        "url": base, "data": data, "split": split, "rows": note or "all", "samples": len(rows), "model": info["model"],
+        "default_threshold": info["default_threshold"], "criterion": info.get("criterion"),
+        "num_layers": info["num_layers"], "scores": scores,
         "mean_exit_layer": statistics.fmean(exit_layers),
+        "layers_saved": 1.0 - statistics.fmean(exit_layers) / info["num_layers"],
         "server_average_layers_saved": scrape(metrics, "exitserve_average_layers_saved"),
         "latency_ms_concurrency_1": {"p50": lat[len(lat) // 2], "p95": lat[int(0.95 * len(lat))],
                                      "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))]},
     }
+    if final is not None:
+        final_scores = all_scores(spec.metric, final, rows.labels)
+        same = [a == b for a, b in zip(predictions, final, strict=True)]
+        report.update(final_layer_scores=final_scores, relative_score=scores[spec.metric] / final_scores[spec.metric],
+                      agreement_with_final_layer=statistics.fmean(same))
+    return report
+
+
+def ask(client: httpx.Client, base: str, rows: Examples, regression: bool,
+        threshold: float | None = None) -> tuple[list, list[int], list[float]]:
+    """One request per row, in order: (answers, exit layers, latencies in ms)."""
+    predictions, exit_layers, latencies = [], [], []
+    desc = "HTTP predictions" + ("" if threshold is None else f" at threshold {threshold}")
+    for i in tqdm(range(len(rows)), desc=desc, unit="request"):
+        body: dict = {"text": rows.texts[i]}
+        if rows.pairs is not None:
+            body["text_pair"] = rows.pairs[i]
+        if threshold is not None:
+            body["threshold"] = threshold
+        start = time.perf_counter()
+        resp = client.post(f"{base}/predict", json=body)
+        latencies.append((time.perf_counter() - start) * 1000)
+        resp.raise_for_status()
+        result = resp.json()
+        exit_layers.append(result["exit_layer"])
+        predictions.append(result["prediction"] if regression else result["label_id"])
+    return predictions, exit_layers, latencies
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--split", default="dev")
     p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--held-out", default=None, metavar="CHECKPOINT",
+                   help="only rows this checkpoint's exit rule and threshold were not fitted on")
+    p.add_argument("--exclude-split", default=None, help="also drop rows whose text is in this split of --data")
+    p.add_argument("--compare-final", action="store_true",
+                   help="ask every row again at threshold 1.0: the final layer's score and the ratio to it")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
     if args.checkpoint:
@@ -82,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         server = nullcontext(args.url.rstrip("/"))
     with server as base:
-        report = http_eval(base, args.data, args.split, args.max_samples)
+        report = http_eval(base, args.data, args.split, args.max_samples, args.held_out, args.exclude_split,
+                           args.compare_final)
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

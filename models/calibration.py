@@ -28,7 +28,7 @@ from exitserve.models.data import ColumnOptions, Examples, load_texts
 from exitserve.models.encoding import encode
 from exitserve.models.evaluation import ExitTable, exit_table, load_split_for, record_outputs, sweep_rows
 from exitserve.models.exit_config import ExitConfig
-from exitserve.models.holdout import selection, split_rows
+from exitserve.models.holdout import available_rows, selection, split_rows
 from exitserve.models.risk_control import RISKS, learn_then_test, p_value_kind, risk_losses
 from exitserve.models.scores import score
 
@@ -209,30 +209,38 @@ def calibrate(
     columns: ColumnOptions | None = None,
     batch_size: int = 32,
     backend: Backend | None = None,
+    criterion: str | None = None,
 ) -> ExitConfig:
-    """Choose the threshold on a `fraction` of the rows on `backend` (default: the checkpoint's torch
-    model), measure it on the rest, update the checkpoint's exit config on disk, and return it. A backend
-    whose answers differ from the checkpoint's own (`calibration_key`: quantised weights) gets its record
-    under calibration["variants"][key] (ExitConfig.threshold_for); otherwise the default threshold is set."""
+    """Choose the threshold of `criterion` (default: the checkpoint's; another one becomes the
+    checkpoint's criterion) on a `fraction` of the rows on `backend` (default: the checkpoint's torch
+    model), measure it on the rest, update the checkpoint's exit config on disk, and return it. Rows that
+    fitted the checkpoint's exit rule are left out first (models/holdout.py). A backend whose answers differ
+    from the checkpoint's own (`calibration_key`: quantised weights) gets its record under
+    calibration["variants"][key] (ExitConfig.threshold_for); otherwise the default threshold is set."""
     backend = backend or create_backend(checkpoint)
+    cfg = checkpoint.exit_config
+    criterion = criterion or cfg.criterion
+    if criterion != cfg.criterion and backend.calibration_key is not None:
+        raise ValueError(f"calibrate --criterion {criterion} on the checkpoint's own weights first "
+                         f"(the {backend.calibration_key} variant keeps the checkpoint's criterion, {cfg.criterion})")
     metric, examples = load_rows(checkpoint, data, split_name, columns, method.needs_labels)
-    picked = selection(examples, max_samples, fraction, seed)
-    examples = examples.subset(max_samples, seed=0)
+    picked = selection(examples, max_samples, fraction, seed, cfg.exit_rule.fitted if cfg.exit_rule else None)
+    examples = examples.take(available_rows(picked, examples).tolist())
     calibration_idx, report_idx = split_rows(len(examples), fraction, seed)
-    rows = record_rows(checkpoint, examples, metric, batch_size=batch_size, backend=backend)
+    rows = record_rows(checkpoint, examples, metric, criterion, batch_size, backend)
     chosen, held_out = split(rows, calibration_idx, report_idx)
     choice = method.choose(chosen)
     tolerance = method.settings().get("tolerance")
-    cfg = checkpoint.exit_config
     result = {
         "method": method.name,
         **method.settings(),
-        "criterion": cfg.criterion,
+        "criterion": criterion,
         "metric": metric if rows.labels is not None else None,
         "data": data,
         "split": None if data.endswith(".txt") else split_name,
         **picked,
         "samples": len(examples),
+        **({"rule": cfg.exit_rule.describe()} if criterion == "learned" and cfg.exit_rule else {}),
         "calibration_samples": len(chosen),
         "report_samples": len(held_out) if held_out is not None else 0,
         "loss_scale": chosen.scale,
@@ -247,6 +255,7 @@ def calibrate(
     previous = cfg.calibration or {}
     variants = dict(previous.get("variants") or {})
     if backend.calibration_key is None:
+        cfg.criterion = criterion
         cfg.default_threshold = choice.threshold
         cfg.calibration = {**result, **({"variants": variants} if variants else {})}
     else:

@@ -5,6 +5,7 @@
       model.safetensors    backbone + every exit head + the LTE module (fp32 or fp16)
       tokenizer files      as saved by the tokenizer (tokenizer.json, vocab, ...)
       exit_config.json     `ExitConfig` (models/exit_config.py)
+      exit_rule.json       optional: the learned exit rule (models/exit_rule.py), its own typed schema
 
 `load_checkpoint` loads the torch model (training, evaluation, the torch backend, building ONNX graphs)
 and validates everything, raising `CheckpointError` with a one-line reason for a missing file, corrupt

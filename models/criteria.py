@@ -11,9 +11,11 @@ The last layer always answers.
   patience  PABEE: how many consecutive earlier layers gave the same answer, as a fraction of
             L - 1. A threshold t therefore means "patience of ceil(t * (L - 1)) layers".
             For regression "the same answer" means |prediction - previous| < delta.
+  learned   a fitted rule's probability that the final layer would give this exit's answer
+            (models/exit_rule.py; `exitserve fit-exit-rule`).
 
 numpy, float32, so serving never needs torch; the composed ONNX graph computes the same in ONNX
-(models/backends/onnx_criteria.py). Criteria that need history (patience) carry a small per-row
+(models/backends/onnx_criteria.py). Criteria that need history (patience, learned) carry a small per-row
 `memory` array `[B, M]`; callers subset it together with the hidden states when rows leave the batch.
 """
 
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from exitserve.models.answers import answers, softmax
+from exitserve.models.exit_rule import ExitRule
 
-CRITERIA = ("max-prob", "entropy", "lte", "patience")
+CRITERIA = ("max-prob", "entropy", "lte", "patience", "learned")
 CLASSIFICATION_ONLY = ("max-prob", "entropy")
 
 
@@ -37,20 +40,25 @@ class ExitCriterion:
     num_layers: int
     regression: bool = False
     delta: float = 0.1  # patience, regression only
+    rule: ExitRule | None = field(default=None, compare=False)  # learned
 
     def __post_init__(self) -> None:
         if self.name not in CRITERIA:
             raise ValueError(f"unknown exit criterion {self.name!r}; choose one of {', '.join(CRITERIA)}")
+        if self.name == "learned" and self.rule is None:
+            raise ValueError("criterion 'learned' needs a fitted exit rule (exitserve fit-exit-rule)")
         if self.regression and self.name in CLASSIFICATION_ONLY:
             raise ValueError(f"criterion {self.name!r} needs class probabilities; use lte or patience")
 
     @property
     def has_memory(self) -> bool:
         """Whether confidence depends on earlier layers (then every layer's exit must run)."""
-        return self.name == "patience"
+        return self.name in ("patience", "learned")
 
     def initial_memory(self, batch: int) -> np.ndarray | None:
-        """Per-row state for criteria with history: (previous answer, streak)."""
+        """Per-row state for criteria with history: patience (previous answer, streak); learned: its rule's."""
+        if self.rule is not None and self.name == "learned":
+            return self.rule.initial_memory(batch)
         if not self.has_memory:
             return None
         memory = np.zeros((batch, 2), dtype=np.float32)
@@ -74,6 +82,8 @@ class ExitCriterion:
                 raise ValueError("criterion 'lte' needs a model trained with the LTE module")
             return lte.astype(np.float32, copy=False), memory
         assert memory is not None
+        if self.rule is not None and self.name == "learned":
+            return self.rule.step(logits, lte, memory)
         answer = answers(logits, self.regression)
         previous, streak = memory[:, 0], memory[:, 1]
         same = np.abs(answer - previous) < np.float32(self.delta) if self.regression else answer == previous

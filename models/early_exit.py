@@ -132,6 +132,15 @@ class EarlyExitModel(nn.Module):
     def config(self) -> PretrainedConfig:
         return self.encoder.config
 
+    @torch.no_grad()
+    def start_regression_at(self, value: float) -> None:
+        """Every regressor's bias starts at `value` (the mean training label), so training begins at the
+        mean answer. From 0, on STS-B's 0-5 scale, a bias moving ~lr per step cannot reach the mean (2.7):
+        the backbone was bent instead to output the constant from every pooled state, and all layers
+        collapsed (experiment 3's weighted run: final-layer Spearman 0.546; docs/RESULTS.md)."""
+        for head in self.heads:
+            head.classifier.bias.fill_(value)
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """backbone, exits (1..n-1), final (exit n), lte: what training strategies freeze or train."""
         return {

@@ -20,16 +20,25 @@ from tqdm.auto import tqdm
 from exitserve.models.answers import AllExits, answers
 from exitserve.models.backends import Backend, create_backend
 from exitserve.models.checkpoint import Checkpoint
-from exitserve.models.criteria import ExitCriterion, expand_thresholds
+from exitserve.models.criteria import ExitCriterion, exits_now, expand_thresholds
 from exitserve.models.data import ColumnOptions, Examples, load_examples
 from exitserve.models.encoding import Encoded, encode
 from exitserve.models.holdout import report_rows
-from exitserve.models.inference import predict, record_all_layers, simulate_exits
+from exitserve.models.inference import predict, record_all_layers
 from exitserve.models.scores import all_scores, score
 from exitserve.models.tasks import TaskSpec
 
 # The sweep is fine enough for calibration; the printed table and the timing use a few points.
 SWEEP_GRID = [round(t, 3) for t in np.arange(0.0, 1.0, 0.01)] + [0.995, 0.999, 1.0]
+# The learned rule's score is a probability of agreeing with the final layer: the thresholds that keep
+# a 1 % risk crowd into [0.9, 1), so its grid is ten times finer there.
+LEARNED_GRID = [round(t, 3) for t in np.arange(0.0, 0.9, 0.01)] + [round(t, 4) for t in np.arange(0.9, 1.0, 0.001)] \
+    + [0.9995, 0.9999, 1.0]
+
+
+def threshold_grid(criterion: ExitCriterion) -> list[float]:
+    """The thresholds a sweep and calibration consider for this criterion."""
+    return LEARNED_GRID if criterion.name == "learned" else SWEEP_GRID
 TIMED_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 
@@ -65,17 +74,47 @@ class ExitTable:
         return self.thresholds.index(threshold)
 
 
-def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] = SWEEP_GRID) -> ExitTable:
-    num_layers = recorded.logits.shape[0]
-    sims = [simulate_exits(recorded, criterion, [threshold] * num_layers) for threshold in grid]
+def layer_confidences(recorded: AllExits, criterion: ExitCriterion) -> np.ndarray:
+    """Every exit's confidence for every sample, `[L, N]`. A criterion's memory follows the layers, not
+    the exits, so one replay serves every threshold."""
+    memory = criterion.initial_memory(recorded.logits.shape[1])
+    out = []
+    for k in range(recorded.logits.shape[0]):
+        conf, memory = criterion.confidence(recorded.logits[k], recorded.lte[k] if recorded.lte is not None else None,
+                                            memory)
+        out.append(np.asarray(conf, np.float32))
+    return np.stack(out)
+
+
+def exit_index(confidence: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Each sample's 0-based exit layer under per-layer `thresholds`, from every layer's confidence
+    `[L, N]`: the engine's rule (models/criteria.exits_now), compared in float32 as the engine does."""
+    limits = np.asarray(thresholds, np.float32)
+    last = len(limits) - 1
+    leave = np.stack([exits_now(confidence[k], limits[k], k == last) for k in range(len(limits))])
+    return leave.argmax(axis=0)  # the first layer that lets the sample go
+
+
+def decision_table(confidence: np.ndarray, layer_answers: np.ndarray, grid: Sequence[float],
+                   regression: bool) -> ExitTable:
+    """The table of exits under each threshold of `grid` (one for all layers), from every layer's
+    confidence and answer `[L, N]`."""
+    num_layers, num = confidence.shape
+    exits = np.stack([exit_index(confidence, [threshold] * num_layers) for threshold in grid])
     return ExitTable(
         thresholds=[float(t) for t in grid],
-        answers=np.stack([answers(sim.logits, criterion.regression) for sim in sims]).astype(float),
-        exit_layer=np.stack([sim.exit_layer for sim in sims]),
-        final=answers(recorded.logits[-1], criterion.regression).astype(float),
+        answers=layer_answers[exits, np.arange(num)].astype(float),
+        exit_layer=exits + 1,
+        final=layer_answers[-1].astype(float),
         num_layers=num_layers,
-        regression=criterion.regression,
+        regression=regression,
     )
+
+
+def exit_table(recorded: AllExits, criterion: ExitCriterion, grid: Sequence[float] | None = None) -> ExitTable:
+    layer_answers = answers(recorded.logits, criterion.regression)
+    return decision_table(layer_confidences(recorded, criterion), layer_answers,
+                          threshold_grid(criterion) if grid is None else grid, criterion.regression)
 
 
 def sweep_rows(table: ExitTable, metric: str, labels: Sequence[float]) -> list[dict]:
@@ -100,7 +139,7 @@ def sweep(
     criterion: ExitCriterion,
     spec: TaskSpec,
     labels: Sequence[float],
-    grid: Sequence[float] = SWEEP_GRID,
+    grid: Sequence[float] | None = None,
 ) -> list[dict]:
     """Score and mean exit layer at each threshold (one threshold for all layers)."""
     return sweep_rows(exit_table(recorded, criterion, grid), spec.metric, labels)
@@ -169,6 +208,7 @@ def evaluate(
         "samples": len(rows),
         "metric": spec.metric,
         "criterion": criterion.name,
+        **({"rule": criterion.rule.describe()} if criterion.name == "learned" and criterion.rule else {}),
         "calibrated_threshold": cfg.default_threshold,
         "num_layers": cfg.num_layers,
         "final_layer_score": layers[-1]["score"],
@@ -238,6 +278,9 @@ def format_report(report: dict) -> str:
     lines = [
         *([f"rows: {report['rows']['note']}"] if "rows" in report else []),
         f"{report['samples']} samples, metric {report['metric']}, criterion {report['criterion']}",
+        *([f"exit rule: {report['rule']['kind']} on {', '.join(report['rule']['features'])}; fitted on "
+           f"{report['rule']['fitted'].get('rows')} rows of {report['rule']['fitted'].get('data')}"]
+          if "rule" in report else []),
         f"final layer: {report['final_layer_scores']}",
         "",
         "layer  score",

@@ -2,6 +2,7 @@
 
     exit_config.json     `ExitConfig`: task, labels, criterion, default threshold, calibration,
                          training strategy, dev scores, schema version
+    exit_rule.json       optional: the learned exit rule (models/exit_rule.py), its own typed schema
 
 `ExitConfig.read` validates it with a typed pydantic schema and raises `CheckpointError` with a one-line
 reason. `read_backbone_config` and `max_tokens` read the backbone's config.json as plain JSON. Nothing
@@ -21,6 +22,7 @@ from pydantic.dataclasses import dataclass as typed_dataclass
 
 from exitserve.models.criteria import CRITERIA, ExitCriterion, expand_thresholds
 from exitserve.models.encoding import TextEncoder
+from exitserve.models.exit_rule import RULE_FILE, RULE_SCHEMA_VERSION, ExitRule
 from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
 
 SCHEMA_VERSION = 1
@@ -72,6 +74,7 @@ class ExitConfig:
     dev_scores: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     schema_version: Literal[1] = SCHEMA_VERSION
+    exit_rule: ExitRule | None = None  # stored beside, in exit_rule.json
 
     @property
     def regression(self) -> bool:
@@ -82,7 +85,8 @@ class ExitConfig:
         return 1 if self.regression else len(self.label_names)
 
     def make_criterion(self, name: str | None = None) -> ExitCriterion:
-        return ExitCriterion(name or self.criterion, self.num_layers, self.regression, self.patience_delta)
+        return ExitCriterion(name or self.criterion, self.num_layers, self.regression, self.patience_delta,
+                             self.exit_rule)
 
     def thresholds(self, threshold: float | list[float] | None = None) -> list[float]:
         return expand_thresholds(self.default_threshold if threshold is None else threshold, self.num_layers)
@@ -115,6 +119,11 @@ class ExitConfig:
             raise CheckpointError(f"exit config: label_names repeat a name: {self.label_names}")
         if self.criterion == "lte" and not self.use_lte:
             raise CheckpointError("exit config: criterion 'lte' but the model has no LTE module")
+        rule = self.exit_rule
+        if rule is not None and (rule.task_type, rule.num_layers, rule.num_outputs) != (
+                self.task_type, self.num_layers, self.num_outputs):
+            raise CheckpointError(f"{RULE_FILE}: fitted for a {rule.task_type} model with {rule.num_layers} layers "
+                                  f"and {rule.num_outputs} outputs, not this one")
         try:
             self.thresholds()
             self.make_criterion()
@@ -122,7 +131,11 @@ class ExitConfig:
             raise CheckpointError(f"exit config: {exc}") from exc
 
     def save(self, directory: Path) -> None:
-        (directory / EXIT_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        config = asdict(self)
+        del config["exit_rule"]
+        (directory / EXIT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if self.exit_rule is not None:
+            self.exit_rule.save(directory)
 
     @classmethod
     def read(cls, directory: Path) -> ExitConfig:
@@ -140,13 +153,34 @@ class ExitConfig:
                 f"{path}: schema version {raw.get('schema_version')!r} is not supported "
                 f"(expected {SCHEMA_VERSION})"
             )
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"exit_rule"}
         try:
-            config = cls(**{k: v for k, v in raw.items() if k in known})
+            config = cls(**{k: v for k, v in raw.items() if k in known}, exit_rule=read_exit_rule(directory))
         except ValidationError as exc:
             raise CheckpointError(f"{path}: {_first_problem(exc)}") from exc
         config.validate()
         return config
+
+
+def read_exit_rule(directory: Path) -> ExitRule | None:
+    """The checkpoint's learned exit rule, validated; None when it has none (checkpoints before it)."""
+    path = directory / RULE_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    if raw.get("schema_version") != RULE_SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: schema version {raw.get('schema_version')!r} is not supported")
+    try:
+        return ExitRule(**raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]  # a field's type or range, or (no location) a shape check of the whole rule
+        reason = _first_problem(exc) if first["loc"] else str(first.get("ctx", {}).get("error", first["msg"]))
+        raise CheckpointError(f"{path}: {reason}") from exc
 
 
 def _first_problem(exc: ValidationError) -> str:

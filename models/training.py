@@ -219,6 +219,8 @@ def train(options: TrainOptions) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(options.backbone))
     model = EarlyExitModel.from_backbone(options.backbone, spec.num_outputs, use_lte, options.pooling)
+    if spec.is_regression:
+        model.start_regression_at(sum(train_rows.labels) / len(train_rows))
     samples = encode(tokenizer, train_rows.texts, train_rows.pairs, options.max_length)
     dataset = TextDataset(samples, train_rows.labels)
     collator = Collator(tokenizer.pad_token_id, spec.is_regression)

@@ -173,7 +173,7 @@ class EarlyExitComposer:
         exit_out = s.inline(self.exits[k], f"exit{k}/", exit_inputs)
         logits, lte = exit_out["logits"], exit_out.get("lte")
         answer = self._answer(s, logits)
-        crit: CriterionNodes = write_criterion(s, self.criterion, logits, lte, answer, memory, self.num_outputs)
+        crit: CriterionNodes = write_criterion(s, self.criterion, k, logits, lte, answer, memory, self.num_outputs)
         conf = crit.confidence
 
         # this level's rows' trace: column k = what exit k said, NaN elsewhere
@@ -240,8 +240,11 @@ class EarlyExitComposer:
         inputs = [_info(i.name, INT64, 2) for i in self.embeddings.input]
         inputs += [_info("lengths", INT32, 1), _info("thresholds", FLOAT, 2)]
         rows = s.op("Shape", ["lengths"], "batch_rows")
-        memory = [s.op("Expand", [s.const(f"memory_init{i}", np.array(v, np.float32)), rows], f"memory{i}")
-                  for i, v in enumerate(memory_init(self.criterion))]
+        memory = []
+        for i, value in enumerate(memory_init(self.criterion, self.num_outputs)):  # [b] or [b, C] each
+            shape = s.op("Concat", [rows, s.const(f"memory_dims{i}", np.array(value.shape, np.int64))],
+                         f"memory_shape{i}", axis=0)
+            memory.append(s.op("Expand", [s.const(f"memory_init{i}", value[None]), shape], f"memory{i}"))
         results = self._level(s, 0, hidden, "lengths", "thresholds", memory)
         names = ["logits", "confidence", "exit_layer", "trace_confidence", "trace_logits", "trace_lte"]
         kinds = [(FLOAT, 2), (FLOAT, 1), (INT64, 1), (FLOAT, 2), (FLOAT, 3), (FLOAT, 2)]

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,9 @@ import onnxruntime
 
 from exitserve.models.backends.base import QUANTIZATIONS
 from exitserve.models.cache import cache_dir
+from exitserve.models.criteria import ExitCriterion
 from exitserve.models.exit_config import WEIGHTS, ExitConfig
+from exitserve.models.exit_rule import RULE_FILE
 
 if TYPE_CHECKING:  # building imports onnx and the torch model; serving from a valid store imports neither
     from exitserve.models.early_exit import EarlyExitModel
@@ -84,14 +86,17 @@ class Source:
 
     weights_sha256: str
     config_sha256: str
-    exit_config: dict
+    exit_config: dict  # the fields the graphs depend on (the composed graph: the criterion, and its rule)
+    criterion: ExitCriterion = field(compare=False, repr=False)
 
     @classmethod
     def of(cls, directory: Path, cfg: ExitConfig) -> Source:
+        rule = directory / RULE_FILE
         fields = {"num_layers": cfg.num_layers, "num_outputs": cfg.num_outputs, "use_lte": cfg.use_lte,
                   "pooling": cfg.pooling, "final_activation": cfg.final_activation, "max_length": cfg.max_length,
-                  "criterion": cfg.criterion, "regression": cfg.regression, "patience_delta": cfg.patience_delta}
-        return cls(_sha256(directory / WEIGHTS), _sha256(directory / "config.json"), fields)
+                  "criterion": cfg.criterion, "regression": cfg.regression, "patience_delta": cfg.patience_delta,
+                  "exit_rule_sha256": _sha256(rule) if cfg.criterion == "learned" and rule.is_file() else None}
+        return cls(_sha256(directory / WEIGHTS), _sha256(directory / "config.json"), fields, cfg.make_criterion())
 
 
 def layer_files(num_layers: int) -> list[str]:
@@ -154,7 +159,6 @@ def build(model: EarlyExitModel, source: Source, variant: str, target: Path) -> 
 
     from exitserve.models.backends.onnx_families import model_weights
     from exitserve.models.backends.onnx_graphs import embeddings_graph, exit_graph, layer_graph
-    from exitserve.models.criteria import ExitCriterion
 
     cfg = source.exit_config
     weights = model_weights(model, cfg["max_length"])
@@ -170,8 +174,7 @@ def build(model: EarlyExitModel, source: Source, variant: str, target: Path) -> 
             else:
                 onnx.save(graph, work / f"layer_{k:02d}.onnx")
             onnx.save(exit_graph(weights.exits[k]), work / f"exit_{k:02d}.onnx")  # exits stay fp32: tiny
-        criterion = ExitCriterion(cfg["criterion"], cfg["num_layers"], cfg["regression"], cfg["patience_delta"])
-        save_composed(compose_stored(work, criterion, cfg["num_outputs"]), work)
+        save_composed(compose_stored(work, source.criterion, cfg["num_outputs"]), work)
         names = graph_files(len(weights.layers))
         manifest = {
             "format": FORMAT, "variant": variant, "weights_sha256": source.weights_sha256,

@@ -8,7 +8,12 @@ import pytest
 
 from exitserve.cli import main
 from exitserve.models.checkpoint import save_checkpoint
-from tests.conftest import GLUE, TINY_LAYERS, make_exit_config, make_model
+from exitserve.models.criteria import ExitCriterion
+from exitserve.models.encoding import encode
+from exitserve.models.evaluation import exit_table
+from exitserve.models.inference import record_all_layers, simulate_exits
+from exitserve.models.rule_fitting import fit_rule
+from tests.conftest import GLUE, TINY_LAYERS, make_exit_config, make_model, torch_backend
 
 DATA = str(GLUE / "SST-2")
 
@@ -42,3 +47,18 @@ def test_evaluate_cli_writes_json_and_plots(ckpt, tmp_path, capsys):
 def test_cli_reports_a_broken_checkpoint_as_an_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope"), "--data", DATA]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("criterion", ["max-prob", "entropy", "patience", "lte", "learned"])
+def test_the_threshold_table_exits_where_the_engine_would(tokenizer, sst2_texts, criterion):
+    """One replay of the confidences serves every threshold: it must match replaying the engine's rule
+    (`simulate_exits`) threshold by threshold, float32 comparisons included."""
+    backend = torch_backend(make_model(use_lte=True, seed=3))
+    recorded = record_all_layers(backend, encode(tokenizer, sst2_texts[:64], max_length=64))
+    rule = fit_rule(recorded, False, None, {}) if criterion == "learned" else None
+    crit = ExitCriterion(criterion, TINY_LAYERS, rule=rule)
+    table = exit_table(recorded, crit)
+    for j, threshold in enumerate(table.thresholds):
+        sim = simulate_exits(recorded, crit, [threshold] * TINY_LAYERS)
+        assert table.exit_layer[j].tolist() == sim.exit_layer.tolist(), threshold
+        assert table.answers[j].tolist() == sim.logits.argmax(-1).astype(float).tolist()

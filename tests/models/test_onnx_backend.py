@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig
 
-from exitserve.models.answers import softmax
 from exitserve.models.backends import create_backend
 from exitserve.models.backends.onnx_backend import OnnxBackend
 from exitserve.models.backends.torch_backend import TorchBackend
@@ -20,6 +19,7 @@ from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import Encoded, encode
+from exitserve.models.evaluation import layer_confidences
 from exitserve.models.inference import predict, record_all_layers
 from exitserve.server.settings import DEFAULT_MODEL
 from tests.conftest import FAMILIES, GLUE, SIZE, TINY_LAYERS, model_checkpoint
@@ -103,7 +103,7 @@ def test_real_minilm_on_onnxruntime_answers_as_torch(sst2_model):
     pt_backend = create_backend(sst2_model, "torch")
     assert_same_model(ort_backend, pt_backend, samples[:32], atol=2e-4)
     criterion = sst2_model.exit_config.make_criterion()
-    confidence = softmax(record_all_layers(pt_backend, samples).logits).max(-1)  # [L, N]
+    confidence = layer_confidences(record_all_layers(pt_backend, samples), criterion)  # [L, N]
     for threshold in (sst2_model.exit_config.default_threshold, 0.95):
         thresholds = [threshold] * criterion.num_layers
         on_ort = predict(ort_backend, criterion, samples, thresholds, batch_size=16)

@@ -123,3 +123,21 @@ def test_int8_weights_compose_too(tokenizer, samples, tmp_path):
     thresholds = spread_thresholds(int8, int8.criterion, samples)
     assert_same(int8.run(samples, thresholds, int8.criterion, trace=True),
                 run_layers(int8, samples, thresholds, int8.criterion, trace=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_the_learned_rule_answers_as_the_layer_path(regression, tokenizer, samples, tmp_path):
+    from exitserve.models.exit_config import ExitConfig
+    from exitserve.models.rule_fitting import fit_rule
+
+    backend = family_backend("bert", tokenizer, tmp_path / "bert", regression)
+    rule = fit_rule(record_all_layers(backend, samples), regression, 0.05 if regression else None, {})
+    path = tmp_path / "bert"
+    config = ExitConfig.read(path)
+    config.exit_rule, config.criterion = rule, "learned"
+    config.save(path)
+    learned = create_backend(load_checkpoint(path), "onnxruntime")  # the graphs are rebuilt for the rule
+    assert learned.criterion.name == "learned" and learned.criterion.rule is not None
+    thresholds = spread_thresholds(learned, learned.criterion, samples)
+    assert_same(learned.run(samples, thresholds, learned.criterion, trace=True),
+                run_layers(learned, samples, thresholds, learned.criterion, trace=True))

@@ -13,7 +13,7 @@ from exitserve.models.encoding import encode
 from exitserve.models.recipes import DEFAULT_STRATEGY
 from exitserve.models.strategies import Phase, num_stages, objective_loss, phase_for
 from exitserve.models.training import Collator, TextDataset, TrainOptions, fit, train
-from tests.conftest import GLUE, TINY_LAYERS, make_model
+from tests.conftest import GLUE, TINY_LAYERS, make_model, torch_backend
 
 
 def groups(model) -> dict[str, dict[str, torch.Tensor]]:
@@ -191,3 +191,26 @@ def test_lte_target_final_predicts_agreement_with_the_last_layer_and_the_weight_
     assert float(three) == pytest.approx(3 * float(one))
     with pytest.raises(ValueError, match="unknown LTE target"):
         LteLoss(target="layer")
+
+
+def test_a_regression_fine_tune_starts_at_the_mean_label(tmp_path, tiny_backbone):
+    """Experiment 3's collapse (docs/RESULTS.md): regressors that start at 0 on STS-B's 0-5 scale cannot
+    move their bias to the mean (~2.7) at lr 5e-5, so training bends the backbone to output the constant
+    and every layer's Spearman fell (0.546 at the final layer). With no learning at all (lr 0), every exit
+    must already answer the mean training label: the loss starts at the labels' variance."""
+    from exitserve.models.checkpoint import load_checkpoint
+    from exitserve.models.data import ColumnOptions
+    from exitserve.models.inference import record_all_layers
+
+    out = train(TrainOptions(
+        backbone=tiny_backbone, data=str(GLUE / "STS-B"), output=str(tmp_path / "m"), epochs=1, learning_rate=0.0,
+        batch_size=16, max_train_samples=32, max_eval_samples=20, max_length=64,
+    ))
+    ckpt = load_checkpoint(out)
+    _, rows = load_examples(str(GLUE / "STS-B"), "train", ColumnOptions())
+    mean = sum(rows.subset(32, 42).labels) / 32  # the rows `train` drew (its seed)
+    assert mean > 1.0  # far from 0, where an untouched regressor would answer
+    dev = rows.subset(20, 0)
+    recorded = record_all_layers(torch_backend(ckpt.model), encode(ckpt.tokenizer, dev.texts, dev.pairs, 64))
+    answers_per_layer = recorded.logits[..., 0]
+    assert answers_per_layer.mean(axis=1).tolist() == pytest.approx([mean] * answers_per_layer.shape[0], abs=0.2)

@@ -63,7 +63,10 @@ def expected(server, sentences) -> dict[str, list[dict]]:
 
 
 def same(mine: dict, label: str, score: float, exit_layer: int | None = None) -> bool:
-    if label != mine["prediction"] or abs(score - mine["confidence"]) > TIE:
+    """The TEI routes score a label by its probability; the OIP `confidence` output is /predict's (the exit
+    rule's value, which for the learned rule is not a class probability)."""
+    expected = mine["confidence"] if exit_layer is not None else mine["probabilities"][label]
+    if label != mine["prediction"] or abs(score - expected) > TIE:
         return False
     return exit_layer in (None, mine["exit_layer"]) or abs(mine["confidence"] - mine["threshold"]) < TIE
 

@@ -236,3 +236,33 @@ def test_slo_admission_sheds_what_the_cost_model_says_cannot_make_it(tokenizer, 
 
     refused = run(main())
     assert "over the 50 ms SLO" in str(refused) and refused.retry_after > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_learned_rules_memory_travels_with_each_sample(tokenizer, sst2_texts, backend_name, backend_for, policy):
+    """Samples regroup between steps; each carries its own rule memory, so served = alone."""
+    from exitserve.models.inference import record_all_layers
+    from exitserve.models.rule_fitting import fit_rule
+
+    model = RecordingBackend(backend_for(backend_name, make_model(seed=3)))  # its layer 2 exits agree half the time
+    encoded = encode(tokenizer, sst2_texts[:40], max_length=64)
+    rule = fit_rule(record_all_layers(model.inner, encoded), False, None, {})
+    crit = ExitCriterion("learned", TINY_LAYERS, rule=rule)
+    thresholds = [0.5 + 0.05 * (i % 10) for i in range(len(encoded))]
+    alone = [predict(model.inner, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
+
+    async def main():
+        sched = Scheduler(model, crit, make_policy(policy), Limits(8))
+        sched.start()
+        samples = make_samples(encoded, thresholds)
+        for i in range(0, len(samples), 4):
+            sched.submit(samples[i : i + 4])
+            await asyncio.sleep(0)
+        out = await asyncio.gather(*(s.future for s in samples))
+        sched.stop()
+        return out
+
+    served = run(main())
+    assert len({p.exit_layer for p in alone}) >= 2
+    assert [(p.exit_layer, p.label_id) for p in served] == [(p.exit_layer, p.label_id) for p in alone]
+    assert [p.confidence for p in served] == pytest.approx([p.confidence for p in alone], rel=1e-5)
