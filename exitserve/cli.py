@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamically quantised weights")
 
+    p = sub.add_parser("record-canaries", help="record the inputs the load-time self-test checks (for a checkpoint "
+                       "saved before they existed, or after its weights or tokenizer were replaced on purpose)",
+                       description="Runs 16 fixed inputs through the checkpoint's torch model and writes their token "
+                       "ids and every layer's and exit's outputs into CHECKPOINT/canaries.json; `serve` refuses to "
+                       "start on a tokenizer or a runtime that does not reproduce them (models/self_test.py). "
+                       "Checkpoints saved by train record them themselves.")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--quantize", choices=["int8"], action="append", default=[],
+                   help="also record what ONNX Runtime with these weights computes (from graphs built afresh), "
+                   "so that serving with quantize=int8 is checked too")
+
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded SST-2 model)")
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (env EXITSERVE_CHECKPOINT)")
     p.add_argument("--host", default=None, help="default 127.0.0.1 (env EXITSERVE_HOST)")
@@ -300,6 +311,13 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     print(f"{'wrote' if built else 'up to date:'} {directory}")
 
 
+def cmd_record_canaries(args: argparse.Namespace) -> None:
+    from exitserve.models.canaries import record_canaries
+    from exitserve.models.checkpoint import load_checkpoint
+
+    print(f"wrote {record_canaries(load_checkpoint(args.checkpoint), args.quantize)}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from exitserve.models.checkpoint import load_checkpoint
     from exitserve.models.export import export_hf
@@ -328,7 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,
-            "export-onnx": cmd_export_onnx, "serve": cmd_serve}
+            "export-onnx": cmd_export_onnx, "record-canaries": cmd_record_canaries, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from exitserve.models.backends import Backend, create_backend
+from exitserve.models.canaries import record_variant
 from exitserve.models.checkpoint import Checkpoint, ExitConfig
 from exitserve.models.data import ColumnOptions, Examples, load_texts
 from exitserve.models.encoding import encode
@@ -212,7 +213,8 @@ def calibrate(
     """Choose the threshold on a `fraction` of the rows on `backend` (default: the checkpoint's torch
     model), measure it on the rest, update the checkpoint's exit config on disk, and return it. A backend
     whose answers differ from the checkpoint's own (`calibration_key`: quantised weights) gets its record
-    under calibration["variants"][key] (ExitConfig.threshold_for); otherwise the default threshold is set."""
+    under calibration["variants"][key] (ExitConfig.threshold_for), and its canaries are recorded (the
+    self-test checks a variant against its own record); otherwise the default threshold is set."""
     backend = backend or create_backend(checkpoint)
     metric, examples = load_rows(checkpoint, data, split_name, columns, method.needs_labels)
     picked = selection(examples, max_samples, fraction, seed)
@@ -250,5 +252,6 @@ def calibrate(
         cfg.calibration = {**result, **({"variants": variants} if variants else {})}
     else:
         cfg.calibration = {**previous, "variants": {**variants, backend.calibration_key: result}}
+        record_variant(checkpoint, backend.quantize)  # so the load-time self-test checks this variant too
     cfg.save(checkpoint.path)
     return cfg

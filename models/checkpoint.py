@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as typed_dataclass
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from exitserve.models.backbones import max_tokens
+from exitserve.models.bounded_files import UnsafeFile, check_files, read_json
 from exitserve.models.criteria import CRITERIA, ExitCriterion, expand_thresholds
 from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.problems import first_problem
 from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
 
 SCHEMA_VERSION = 1
@@ -52,6 +54,7 @@ class CheckpointError(RuntimeError):
 
 Name = Annotated[str, Field(min_length=1)]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+THRESHOLD = TypeAdapter(Threshold | list[Threshold], config=ConfigDict(strict=True))
 
 
 # A typed schema: constructing one checks every field's type (strictly: "6" is not a number) and range.
@@ -125,6 +128,27 @@ class ExitConfig:
             self.make_criterion()
         except ValueError as exc:
             raise CheckpointError(f"exit config: {exc}") from exc
+        self._validate_variants()
+
+    def _validate_variants(self) -> None:
+        """Every runtime variant's calibrated threshold is one a server could serve with (threshold_for)."""
+        variants = (self.calibration or {}).get("variants")
+        if variants is None:
+            return
+        if not isinstance(variants, dict):
+            raise CheckpointError("exit config: calibration.variants must be an object")
+        for key, record in variants.items():
+            where = f"calibration.variants[{key!r}].threshold"
+            if not isinstance(record, dict) or "threshold" not in record:
+                raise CheckpointError(f"exit config: {where}: missing")
+            try:
+                self.thresholds(THRESHOLD.validate_python(record["threshold"]))
+            except ValueError as exc:  # pydantic's ValidationError is one too
+                got = repr(record["threshold"])
+                raise CheckpointError(
+                    f"exit config: {where}: not a finite threshold in [0, 1] (or one per layer: "
+                    f"{self.num_layers}): got {got if len(got) <= 60 else got[:57] + '...'}"
+                ) from exc
 
     def save(self, directory: Path) -> None:
         (directory / EXIT_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -133,11 +157,11 @@ class ExitConfig:
     def read(cls, directory: Path) -> ExitConfig:
         path = directory / EXIT_CONFIG
         try:
-            raw = json.loads(path.read_text())
+            raw = read_json(path)
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path} is missing: not an exitserve checkpoint") from exc
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        except UnsafeFile as exc:
+            raise CheckpointError(str(exc)) from exc
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path} must hold a JSON object")
         if raw.get("schema_version") != SCHEMA_VERSION:
@@ -149,24 +173,9 @@ class ExitConfig:
         try:
             config = cls(**{k: v for k, v in raw.items() if k in known})
         except ValidationError as exc:
-            raise CheckpointError(f"{path}: {_first_problem(exc)}") from exc
+            raise CheckpointError(f"{path}: {first_problem(exc)}") from exc
         config.validate()
         return config
-
-
-def _first_problem(exc: ValidationError) -> str:
-    """One line naming the field: "num_layers: Input should be a valid integer (got '6')"."""
-    errors = exc.errors()
-    field_errors = [e for e in errors if e["loc"][0] == errors[0]["loc"][0]]
-    err = max(field_errors, key=lambda e: len(e["loc"]))  # in a union: the member that got furthest
-    loc = err["loc"]  # the field, then list indices (and, inside a union, the member tried: left out)
-    where = str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
-    if err["type"] == "literal_error":
-        return f"unknown {where} {err['input']!r} (expected {err['ctx']['expected']})"
-    if err["type"] == "missing":
-        return f"{where}: missing"
-    got = repr(err["input"])
-    return f"{where}: {err['msg']} (got {got if len(got) <= 60 else got[:57] + '...'})"
 
 
 @dataclass
@@ -194,6 +203,9 @@ def save_checkpoint(
     }
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "exitserve_schema": str(SCHEMA_VERSION)})
     exit_config.save(directory)
+    from exitserve.models.canaries import record_canaries  # it runs the backends, which import this module
+
+    record_canaries(load_checkpoint(directory))  # the model as saved (fp16 weights rounded) is the reference
     return directory
 
 
@@ -228,6 +240,10 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    try:
+        check_files(directory)  # before any JSON is parsed, by us or by transformers
+    except UnsafeFile as exc:
+        raise CheckpointError(str(exc)) from exc
     for name in ("config.json", WEIGHTS):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name}")

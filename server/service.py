@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from exitserve.models.answers import Prediction
-from exitserve.models.backends import create_backend
 from exitserve.models.checkpoint import Checkpoint, load_checkpoint
 from exitserve.models.encoding import encode
+from exitserve.models.self_test import verified_backend
 from exitserve.server.audit import AuditTrace, create_monitor
 from exitserve.server.metrics import Metrics
 from exitserve.server.scheduler import LayerScheduler, Sample, StepStats
@@ -77,7 +77,9 @@ class PredictionService:
         self.criterion = self.config.make_criterion(settings.criterion)
         self.name = checkpoint.path.name
         self.metrics = Metrics(self.name, self.config.num_layers)
-        self.backend = create_backend(checkpoint, settings.runtime, settings.quantize, settings.ort_threads)
+        # the one place a server gets its runtime: created, then self-tested on the checkpoint's canaries
+        # (models/self_test.py): a tokenizer or a graph that does not reproduce them stops start-up here
+        self.backend = verified_backend(checkpoint, settings.runtime, settings.quantize, settings.ort_threads)
         # the checkpoint's threshold for this backend (int8 weights have their own calibration)
         self.calibrated_threshold = self.config.threshold_for(self.backend.calibration_key)
         self.audits = create_monitor(settings, self.config, self.calibrated_threshold, self.criterion,

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 import torch
 
 from exitserve.models.backends.base import Backend, ExitOutput
-from exitserve.models.backends.onnx_store import MANIFEST, ensure_graphs
+from exitserve.models.backends.onnx_store import MANIFEST, ensure_graphs, rebuild_graphs
 from exitserve.models.checkpoint import Checkpoint
 from exitserve.models.encoding import Encoded, attention_mask, pad_tokens
+
+ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
+                   ort_errors.RuntimeException, ort_errors.InvalidArgument, ort_errors.NotImplemented)
 
 
 @dataclass
@@ -75,10 +79,18 @@ class OnnxBackend(Backend):
         self.has_lte = [len(s.get_outputs()) > 1 for s in self.exits]
 
     @classmethod
-    def for_checkpoint(cls, checkpoint: Checkpoint, quantize: str = "none", threads: int | None = None) -> OnnxBackend:
-        """The checkpoint's graphs (found valid, else built and cached: see onnx_store.ensure_graphs)."""
-        directory = ensure_graphs(checkpoint, quantize)
-        return cls(directory, checkpoint.tokenizer.pad_token_id, mpnet_position_bias(checkpoint), threads, quantize)
+    def for_checkpoint(cls, checkpoint: Checkpoint, quantize: str = "none", threads: int | None = None,
+                       rebuild: str | None = None) -> OnnxBackend:
+        """The checkpoint's graphs (found valid, else built and cached: see onnx_store.ensure_graphs);
+        rebuilt first when `rebuild` says why, and rebuilt when onnxruntime cannot load them."""
+        directory = rebuild_graphs(checkpoint, quantize, rebuild) if rebuild else ensure_graphs(checkpoint, quantize)
+        args = (checkpoint.tokenizer.pad_token_id, mpnet_position_bias(checkpoint), threads, quantize)
+        try:
+            return cls(directory, *args)
+        except ORT_LOAD_ERRORS as exc:  # their hashes check out, yet onnxruntime cannot parse them
+            reason = str(exc).strip().splitlines()[0][:200]
+            directory = rebuild_graphs(checkpoint, quantize, f"onnxruntime cannot load them: {reason}")
+            return cls(directory, *args)
 
     def embed(self, samples: Sequence[Encoded]) -> np.ndarray:
         tokens = pad_tokens(samples, self.pad_id)

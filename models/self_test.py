@@ -1,0 +1,193 @@
+"""The self-test at load: before a server answers anything, the tokenizer and the runtime it will
+serve on must reproduce the checkpoint's canaries (models/canaries.py), or start-up is refused with
+one line naming the first part that differs.
+
+- tokenizer: its vocabulary must be the recorded one (size and fingerprint: a reordered vocabulary, or
+  two words swapped, fail it) and every canary must encode to the recorded token ids (a tokenizer that
+  stopped lowercasing, or strips accents it did not strip, fails it);
+- the backend (torch, ONNX Runtime fp32 or int8: only the `Backend` seam is used) runs the recorded
+  token ids through every layer and exit: the embeddings' and every layer's hidden-state summary, and
+  every exit's logits and LTE confidence, must lie within the tolerance of what the torch model gave
+  when the canaries were recorded. The first that does not names the part: `embeddings`, `layer k`
+  (its hidden states differ) or `exit k` (layer k agrees, its exit does not).
+
+The tolerance is a fraction of how far apart the canaries' own values lie at that layer (their
+spread, recorded with them), so it adapts to each model's scale: fp32 runtimes agree with torch to
+~1e-5 of it; int8 weights move values by a few percent of it, a wrong layer or exit by about all of it
+(docs/RELIABILITY.md has the measured figures). An exit answers from its logits, so logits within the
+tolerance also mean the same exit layer, except for an input whose confidence lies within that
+tolerance of the threshold.
+
+`verified_backend` is the one place a server calls this (server/service.py): it creates the backend,
+runs the self-test, and when the ONNX graphs fail it rebuilds them from the checkpoint and tests again
+(a graph swapped or taken from another model is never served, whatever its manifest says).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from exitserve.models.backends import Backend, create_backend
+from exitserve.models.bounded_files import file_sha256
+from exitserve.models.canaries import (
+    CANARIES,
+    Canaries,
+    CanaryFileError,
+    Encoder,
+    Outputs,
+    PartFailed,
+    outputs,
+    read,
+)
+from exitserve.models.canaries import vocab_fingerprint as fingerprint
+from exitserve.models.checkpoint import WEIGHTS, Checkpoint, CheckpointError
+from exitserve.models.encoding import encode
+
+log = logging.getLogger("exitserve")
+
+# Largest allowed difference, as a fraction of the canaries' spread at that layer: against the torch
+# reference (torch itself, fp32 ONNX Runtime: they agree to ~1e-6 of it), and against a variant's own
+# record (int8: the same graphs give the same values on one machine; the allowance covers other CPUs'
+# int8 kernels and is a quarter of what one wrong layer or exit moved: docs/RELIABILITY.md).
+TOLERANCE_REFERENCE = 1e-3
+TOLERANCE_VARIANT = 0.25
+FLOOR = 1e-6  # absolute: spreads this small (a constant exit) are compared as if they were this large
+
+
+class SelfTestFailed(CheckpointError):
+    """The tokenizer or the runtime does not reproduce the canaries: one line names the part."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    part: str  # tokenizer | embeddings | layer k | exit k (1-based)
+    detail: str
+
+    @property
+    def in_runtime(self) -> bool:
+        """Whether rebuilding the runtime's graphs could help (not for the tokenizer)."""
+        return self.part != "tokenizer"
+
+    def __str__(self) -> str:
+        return f"{self.part} does not reproduce the recorded canaries: {self.detail}"
+
+
+def check_tokenizer(canaries: Canaries, encode_fn: Encoder, vocab: Mapping[str, int]) -> Mismatch | None:
+    recorded, now = canaries.vocab, fingerprint(vocab)
+    if now != recorded:
+        if now["size"] != recorded["size"]:
+            return Mismatch("tokenizer", f"its vocabulary has {now['size']} tokens, recorded {recorded['size']}")
+        return Mismatch("tokenizer", f"its vocabulary maps tokens to other ids than the recorded one ({now['size']} "
+                        f"tokens, fingerprint {now['sha256'][:12]} instead of {recorded['sha256'][:12]})")
+    for i, (sample, expected) in enumerate(zip(encode_fn(canaries.texts, canaries.pairs), canaries.samples(),
+                                               strict=True)):
+        if sample != expected:
+            pairs = zip(sample.input_ids, expected.input_ids, strict=False)
+            at = next((j for j, (a, b) in enumerate(pairs) if a != b), min(len(sample), len(expected)))
+            text = canaries.texts[i] if len(canaries.texts[i]) <= 40 else canaries.texts[i][:37] + "..."
+            return Mismatch("tokenizer", f"canary {i} ({text!r}) encodes to other token ids "
+                            f"({len(sample)} tokens, recorded {len(expected)}; first difference at token {at})")
+    return None
+
+
+def _error(got: np.ndarray, ref: np.ndarray, spread: float) -> tuple[float, int]:
+    """The largest distance between got and recorded, over the inputs, in units of the spread; and where."""
+    distance = np.sqrt(((got - ref).reshape(len(ref), -1) ** 2).sum(-1))
+    worst = int(np.argmax(distance))
+    return float(distance[worst] / max(spread, FLOOR)), worst
+
+
+def check_outputs(canaries: Canaries, ref: Outputs, got: Outputs, tolerance: float) -> Mismatch | None:
+    """The first part whose outputs lie beyond `tolerance` (a fraction of the spread) of the recorded ones."""
+    scale = canaries.scale
+    if got.logits.shape != ref.logits.shape or got.hidden.shape != ref.hidden.shape:
+        return Mismatch("exit 1", f"outputs of shape {got.logits.shape}, recorded {ref.logits.shape}")
+    checks = [("embeddings", got.hidden[0], ref.hidden[0], scale["hidden"][0])]
+    for k in range(ref.logits.shape[0]):
+        checks.append((f"layer {k + 1}", got.hidden[k + 1], ref.hidden[k + 1], scale["hidden"][k + 1]))
+        checks.append((f"exit {k + 1}", got.logits[k], ref.logits[k], scale["logits"][k]))
+        if ref.lte is not None and scale["lte"] is not None:
+            if got.lte is None:
+                return Mismatch(f"exit {k + 1}", "no LTE output, recorded one")
+            checks.append((f"exit {k + 1}", got.lte[k], ref.lte[k], scale["lte"][k]))
+    for part, values, expected, spread in checks:
+        if not np.isfinite(values).all():
+            return Mismatch(part, "non-finite values (NaN or infinity)")
+        error, worst = _error(values, expected, spread)
+        if error > tolerance:
+            return Mismatch(part, f"canary {worst} is {error:.3g} of the canaries' spread away from the recorded "
+                            f"value (tolerance {tolerance:g})")
+    return None
+
+
+def run_backend(canaries: Canaries, backend: Backend) -> Outputs | Mismatch:
+    """The backend's outputs for the recorded token ids, or the part that could not even run."""
+    try:
+        return outputs(backend, canaries.samples(), **canaries.digest)
+    except PartFailed as exc:  # a runtime that fails on the canaries must not serve: name the part, do not crash
+        return Mismatch(exc.part, f"it fails on them: {exc}")
+
+
+def self_test(canaries: Canaries, encode_fn: Encoder, vocab: Mapping[str, int], backend: Backend) -> Mismatch | None:
+    """The first part of (tokenizer, backend) that does not reproduce the canaries, or None. A runtime
+    variant without a record of its own (int8 before `record-canaries --quantize int8`) is not run:
+    its values are too far from torch's for a tolerance that would still catch a wrong layer."""
+    mismatch = check_tokenizer(canaries, encode_fn, vocab)
+    if mismatch is not None:
+        return mismatch
+    ref = canaries.reference(backend.calibration_key)
+    if ref is None:
+        log.warning("no canaries recorded for %s: its graphs are not checked (record them with `exitserve "
+                    "record-canaries CHECKPOINT --quantize %s`)", backend.calibration_key, backend.quantize)
+        return None
+    got = run_backend(canaries, backend)
+    if isinstance(got, Mismatch):
+        return got
+    tolerance = TOLERANCE_REFERENCE if backend.calibration_key is None else TOLERANCE_VARIANT
+    return check_outputs(canaries, ref, got, tolerance)
+
+
+def _failed(checkpoint: Checkpoint, canaries: Canaries, backend: Backend, mismatch: Mismatch) -> SelfTestFailed:
+    where = backend.name + ("" if backend.quantize == "none" else f" {backend.quantize}")
+    hint = ""
+    if mismatch.in_runtime and file_sha256(checkpoint.path / WEIGHTS) != canaries.weights_sha256:
+        hint = (f" ({CANARIES} was recorded for another {WEIGHTS}: if the weights were replaced on purpose, "
+                f"record new canaries with `exitserve record-canaries {checkpoint.path}`)")
+    return SelfTestFailed(f"self-test on {where}: {mismatch}{hint}")
+
+
+def verified_backend(checkpoint: Checkpoint, name: str = "torch", quantize: str = "none",
+                     threads: int | None = None) -> Backend:
+    """`create_backend`, then the self-test (module docstring); raises SelfTestFailed with one line."""
+    try:
+        canaries = read(checkpoint.path)
+    except CanaryFileError as exc:
+        raise CheckpointError(str(exc)) from exc
+    backend = create_backend(checkpoint, name, quantize, threads)
+    if canaries is None:
+        log.warning("%s has no %s: the load-time self-test is skipped (record them with `exitserve "
+                    "record-canaries %s`)", checkpoint.path, CANARIES, checkpoint.path)
+        return backend
+    encode_fn = functools.partial(_encode, checkpoint)
+    vocab = checkpoint.tokenizer.get_vocab()
+    mismatch = self_test(canaries, encode_fn, vocab, backend)
+    if mismatch is not None and mismatch.in_runtime and backend.name == "onnxruntime":
+        from exitserve.models.backends.onnx_backend import OnnxBackend
+
+        log.warning("the ONNX Runtime graphs fail the self-test (%s): rebuilding them from the checkpoint", mismatch)
+        backend = OnnxBackend.for_checkpoint(checkpoint, quantize, threads, rebuild=f"self-test: {mismatch}")
+        mismatch = self_test(canaries, encode_fn, vocab, backend)
+    if mismatch is not None:
+        raise _failed(checkpoint, canaries, backend, mismatch)
+    log.info("self-test passed: %d canaries reproduced on %s (%s)", len(canaries.texts), backend.name,
+             backend.quantize)
+    return backend
+
+
+def _encode(checkpoint: Checkpoint, texts, pairs):
+    return encode(checkpoint.tokenizer, texts, pairs, checkpoint.exit_config.max_length, truncate=True)
