@@ -327,8 +327,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from exitserve.server.main import run
-    from exitserve.server.settings import Settings
+    from exitserve.server.settings import SettingsError, settings_from
 
+    malformed = [item for item in args.set if "=" not in item]
+    if malformed:
+        raise SettingsError(f"--set takes NAME=VALUE (got {malformed[0]!r})")
     overrides = dict(item.split("=", 1) for item in args.set)
     for name, value in (("checkpoint", args.checkpoint), ("host", args.host), ("port", args.port)):
         if value is not None:
@@ -341,8 +344,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             num_gpus=args.num_gpus_per_replica, max_ongoing_requests=args.max_ongoing_requests,
             max_queued_requests=args.max_queued_requests, metrics_port=args.metrics_port,
         )
-        return ray_serve.run(Settings(**overrides), options, args.ray_address)
-    return run(Settings(**overrides))
+        return ray_serve.run(settings_from(overrides), options, args.ray_address)
+    return run(settings_from(overrides))
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,

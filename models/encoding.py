@@ -20,6 +20,11 @@ class InputTooLong(ValueError):
     """An input longer than the model's maximum, when truncation is off."""
 
 
+class EmptyInput(ValueError):
+    """A text of which the tokenizer keeps nothing (e.g. only combining marks or private-use characters):
+    the model would answer its special tokens alone."""
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
@@ -36,7 +41,8 @@ def encode(
     max_length: int = 128,
     truncate: bool = True,
 ) -> list[Encoded]:
-    """Tokenise; inputs over `max_length` tokens are truncated, or rejected when `truncate` is off."""
+    """Tokenise; inputs over `max_length` tokens are truncated, or rejected when `truncate` is off; a text
+    (or pair) the tokenizer keeps nothing of is rejected (EmptyInput)."""
     batch = tokenizer(
         list(texts),
         list(pairs) if pairs is not None else None,
@@ -49,6 +55,11 @@ def encode(
     for i, ids in enumerate(batch["input_ids"]):
         if len(ids) > max_length:
             raise InputTooLong(f"input {i} has {len(ids)} tokens; the model takes at most {max_length}")
+        sides = ("text", "text_pair") if pairs is not None else ("text",)
+        kept = set(batch.sequence_ids(i)) if batch.is_fast else set(range(len(sides)))  # which sides have tokens
+        empty = next((side for n, side in enumerate(sides) if n not in kept), None)
+        if empty is not None:
+            raise EmptyInput(f"{empty}[{i}]: empty text (the tokenizer keeps none of its characters)")
         out.append(Encoded(list(ids), list(types[i]) if types is not None else None))
     return out
 

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exitserve.server.docs_ui import docs_router
-from exitserve.server.error_format import error_response
+from exitserve.server.error_format import KINDS, kind_response
 from exitserve.server.errors import APIError, ClientGone, api_error, install_error_handlers
 from exitserve.server.guard import GuardMiddleware
 from exitserve.server.schemas import (
@@ -37,8 +37,13 @@ from exitserve.server.service import Outcome, PredictionService
 from exitserve.server.settings import Settings
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503)}
-# what a text may hold and still be empty: whitespace, control and format (zero-width) characters
-INVISIBLE = frozenset(("Zs", "Zl", "Zp", "Cc", "Cf"))
+# what a text may hold and still be empty: whitespace, control, format (zero-width), private-use and
+# unassigned characters, combining marks with nothing to combine with (U+0301, U+FE0F) ...
+INVISIBLE = frozenset(("Zs", "Zl", "Zp", "Cc", "Cf", "Co", "Cn", "Mn", "Me"))
+# ... and characters drawn blank or meaning "nothing": Hangul fillers, the blank Braille pattern, the
+# replacement character (tokenizers drop or map them to the unknown token; whatever else a tokenizer
+# keeps nothing of is refused after tokenising: models/encoding.py)
+BLANK = frozenset("\u115f\u1160\u2800\u3164\uffa0\ufffd")
 router = APIRouter()
 T = TypeVar("T")
 
@@ -57,7 +62,7 @@ def service_of(request: Request) -> PredictionService:
 async def require_json(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise APIError(415, "unsupported_media_type",
+        raise APIError.of("unsupported_media_type",
                        f"send the body as application/json (got {media or 'no content type'})")
 
 
@@ -82,9 +87,9 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 
 
 def blank(text: str) -> bool:
-    """True for a text with nothing a tokenizer would keep: only whitespace, control characters (NUL
-    included) or format characters (zero-width space, BOM, ...)."""
-    return all(unicodedata.category(c) in INVISIBLE for c in text)  # stops at the first visible one
+    """True for a text with nothing in it to read: only whitespace, control characters (NUL included),
+    format characters (zero-width space, BOM, ...), lone combining marks or blank-looking characters."""
+    return all(c in BLANK or unicodedata.category(c) in INVISIBLE for c in text)  # stops at the first visible one
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -95,31 +100,31 @@ def validate(req: PredictRequest, service: PredictionService) -> tuple[list[str]
     settings = service.settings
     texts = _as_list(req.text)
     if not texts:
-        raise APIError(422, "validation_error", "text: give at least one text")
+        raise APIError.of("validation_error", "text: give at least one text")
     if len(texts) > settings.max_inputs_per_request:
-        raise APIError(422, "validation_error",
+        raise APIError.of("validation_error",
                        f"text: {len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
     pairs = _as_list(req.text_pair) if req.text_pair is not None else None
     if pairs is not None and not service.pair_input:
-        raise APIError(422, "validation_error", "text_pair: this model takes single texts, not pairs")
+        raise APIError.of("validation_error", "text_pair: this model takes single texts, not pairs")
     if pairs is None and service.pair_input:
-        raise APIError(422, "validation_error", "text_pair: this model scores pairs; give text_pair")
+        raise APIError.of("validation_error", "text_pair: this model scores pairs; give text_pair")
     if pairs is not None and (isinstance(req.text, str) != isinstance(req.text_pair, str) or len(pairs) != len(texts)):
-        raise APIError(422, "validation_error", "text_pair: must match text (a string, or a list of the same length)")
+        raise APIError.of("validation_error", "text_pair: must match text (a string, or a list of the same length)")
     for field, values in (("text", texts), ("text_pair", pairs or [])):
         for i, value in enumerate(values):
             where = field if isinstance(req.text, str) else f"{field}[{i}]"
             if len(value) > settings.max_chars:
-                raise APIError(422, "validation_error",
+                raise APIError.of("validation_error",
                                f"{where}: {len(value)} characters; at most {settings.max_chars}")
             if blank(value):
-                raise APIError(422, "validation_error", f"{where}: empty text (nothing but whitespace, control or "
-                               "zero-width characters)")
+                raise APIError.of("validation_error", f"{where}: empty text (nothing but whitespace, control, "
+                                  "zero-width, combining or blank characters)")
             if not value.isascii():
                 try:
                     value.encode()
                 except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" in the JSON
-                    raise APIError(422, "validation_error", f"{where}: not valid Unicode ({exc.reason})") from exc
+                    raise APIError.of("validation_error", f"{where}: not valid Unicode ({exc.reason})") from exc
     return texts, pairs
 
 
@@ -144,7 +149,7 @@ def _result(service: PredictionService, outcome: Outcome, i: int) -> PredictResu
 async def predict(req: PredictRequest, request: Request, response: Response):
     service = service_of(request)
     if not service.ready:
-        raise APIError(503, "not_ready", "the model is not ready", {"Retry-After": "1"})
+        raise APIError.of("not_ready", "the model is not ready")
     texts, pairs = validate(req, service)
     try:
         outcome = await unless_client_leaves(
@@ -175,9 +180,9 @@ async def ready(request: Request):
     """Readiness: 200 only once the model is loaded and warmed up, and not while draining."""
     service = service_of(request)
     if request.app.state.draining:
-        return error_response(503, "draining", "the server is shutting down")
+        return kind_response(KINDS["draining"], "the server is shutting down")
     if not service.ready:
-        return error_response(503, "not_ready", "the model is loading")
+        return kind_response(KINDS["not_ready"], "the model is loading")
     return StatusResponse(status="ready")
 
 

@@ -41,7 +41,7 @@ def authorized(settings: Settings, headers: list[tuple[bytes, bytes]]) -> bool:
     return scheme.lower() == b"bearer" and secrets.compare_digest(token, settings.api_key.encode())
 
 
-UNAUTHORIZED = ("unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
+UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer KEY)"
 
 
 class GuardMiddleware:
@@ -88,7 +88,7 @@ class GuardMiddleware:
     def _refusal(scope: dict[str, Any], route: str, settings: Settings, service) -> APIError | None:
         """The answer given before the body is read, if any: 401, then 429, then 413."""
         if route in KEYED_ROUTES and not authorized(settings, scope["headers"]):
-            return APIError(401, *UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+            return APIError.of("unauthorized", UNAUTHORIZED)
         if route == "/predict" and service is not None and service.ready and service.room <= 0:
             return api_error(QueueFull(f"queue full ({settings.max_queue_size} inputs waiting)"))
         length = dict(scope["headers"]).get(b"content-length")

@@ -1,7 +1,8 @@
 """`exitserve serve`: load (and validate) the checkpoint, then run the app on uvicorn.
 
-The checkpoint is loaded before uvicorn starts, so a broken one stops start-up with a one-line
-reason and exit code 2 and the server never answers at all. uvicorn runs with the connection limits
+The port is bound first (a port in use fails at once), then the checkpoint is loaded and self-tested
+(models/self_test.py) before uvicorn starts, so a broken one stops start-up with a one-line reason
+and exit code 2 and the server never answers at all. uvicorn runs with the connection limits
 of server/connections.py (slow heads, head size, number of connections) and `keep_alive_timeout`; the
 CLI has already re-executed the process on jemalloc when it is installed (server/allocator.py).
 On SIGTERM/SIGINT /ready turns 503 first; `drain_delay` seconds later (default 0: at once) uvicorn
@@ -12,6 +13,7 @@ scheduler stops and the process exits. A second signal skips the delay.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 
@@ -55,8 +57,33 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def listen(settings: Settings) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use fails at once, not after the
+    model has loaded (uvicorn would find out only then)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = listen(settings)
+    except OSError as exc:
+        print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    with sock:
+        return _serve(settings, sock)
+
+
+def _serve(settings: Settings, sock: socket.socket) -> int:
     try:
         service = PredictionService.load(settings)
     except (CheckpointError, BackboneError, OnnxStoreError, ValueError) as exc:
@@ -75,5 +102,5 @@ def run(settings: Settings) -> int:
                               lambda reason: refused.labels(reason).inc()),
     )
     server = DrainingServer(config, app.state, settings.drain_delay)
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -32,6 +32,7 @@ from exitserve.server.settings import Settings
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install '.[ray]')")
 from ray.serve import Application
 
+from exitserve.server.error_format import KINDS
 from exitserve.server.ray_proxy import RayErrorFormat
 from exitserve.server.ray_serve import AppArgs, ExitServeReplica, app_builder
 
@@ -195,3 +196,16 @@ def test_ray_plain_text_errors_become_exitserve_errors_and_json_ones_pass():
     assert r.json() == {"error": {"type": "overloaded", "message": "Request dropped due to backpressure"}}
     r = client.get("/app")
     assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded"
+
+
+@pytest.mark.parametrize(("ray_status", "kind"), [(408, "deadline_exceeded"), (429, "overloaded"), (503, "not_ready")])
+def test_ray_s_own_errors_are_answered_from_the_one_error_table(ray_status, kind):
+    async def ray_like(scope, receive, send):
+        await send({"type": "http.response.start", "status": ray_status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b"said by Ray"})
+
+    r = TestClient(RayErrorFormat(ray_like)).get("/predict")
+    expected = KINDS[kind]  # the same status, type and Retry-After the plain server answers with this meaning
+    assert (r.status_code, r.json()["error"]["type"]) == (expected.status, expected.type)
+    assert r.headers.get("retry-after") == (str(expected.retry_after) if expected.retry_after else None)
