@@ -184,7 +184,7 @@ def outputs(backend: Backend, samples: Sequence[Encoded], dims: int = DIGEST_DIM
     try:
         hidden = backend.embed(samples)
         attention = backend.attention(lengths)
-        projection = _projection(_numpy(backend.rows(hidden, lengths[:1])[0]).shape[-1], dims, seed)
+        projection = _projection(int(hidden.shape[-1]), dims, seed)
         summaries = [summarise(backend, hidden, lengths, projection)]
     except Exception as exc:
         raise PartFailed("embeddings", exc) from exc
@@ -252,6 +252,8 @@ def _reference_backend(checkpoint: Checkpoint) -> Backend:
 def _variant(checkpoint: Checkpoint, canaries: Canaries, quantize: str) -> None:
     """Add what ONNX Runtime with `quantize` weights (int8) computes, on graphs built afresh from the
     checkpoint (never the stored ones: those are what the record will check)."""
+    import onnxruntime
+
     from exitserve.models.backends.onnx_backend import OnnxBackend, mpnet_position_bias
     from exitserve.models.backends.onnx_store import Source, build, variant_name
 
@@ -261,7 +263,8 @@ def _variant(checkpoint: Checkpoint, canaries: Canaries, quantize: str) -> None:
         backend = OnnxBackend(target, checkpoint.tokenizer.pad_token_id, mpnet_position_bias(checkpoint), None,
                               quantize)
         out = outputs(backend, canaries.samples(), **canaries.digest)
-    canaries.references[backend.calibration_key or REFERENCE] = out.as_json(_recorded_with(backend))
+    recorded_with = {**_recorded_with(backend), "onnxruntime": onnxruntime.__version__}  # its quantiser may change
+    canaries.references[backend.calibration_key or REFERENCE] = out.as_json(recorded_with)
 
 
 def record_canaries(checkpoint: Checkpoint, quantize: Sequence[str] = ()) -> Path:

@@ -6,11 +6,14 @@
       tokenizer files      as saved by the tokenizer (tokenizer.json, vocab, ...)
       exit_config.json     `ExitConfig`: task, labels, criterion, default threshold, calibration,
                            training strategy, dev scores, schema version
+      canaries.json        what the load-time self-test checks (models/canaries.py), recorded on save
 
 `load_checkpoint` validates everything and raises `CheckpointError` with a one-line reason for a
-missing file, corrupt or non-finite weights, an exit config of the wrong types or ranges (a typed
-pydantic schema), a tokenizer that does not cover the backbone's vocabulary, a `max_length` beyond
-the backbone's position embeddings, or shapes that do not match the backbone.
+missing file, a file that is not a regular one, too large or (JSON) nested too deeply
+(models/bounded_files.py), corrupt or non-finite weights, an exit config of the wrong types or ranges
+(a typed pydantic schema; every calibrated variant's threshold too), a tokenizer that does not cover
+the backbone's vocabulary, a `max_length` beyond the backbone's position embeddings, or shapes that
+do not match the backbone.
 """
 
 from __future__ import annotations

@@ -7,27 +7,30 @@ one line naming the first part that differs.
   stopped lowercasing, or strips accents it did not strip, fails it);
 - the backend (torch, ONNX Runtime fp32 or int8: only the `Backend` seam is used) runs the recorded
   token ids through every layer and exit: the embeddings' and every layer's hidden-state summary, and
-  every exit's logits and LTE confidence, must lie within the tolerance of what the torch model gave
-  when the canaries were recorded. The first that does not names the part: `embeddings`, `layer k`
-  (its hidden states differ) or `exit k` (layer k agrees, its exit does not).
+  every exit's logits and LTE confidence, must lie within the tolerance of the record. The first that
+  does not names the part: `embeddings`, `layer k` (its hidden states differ) or `exit k` (layer k
+  agrees, its exit does not); a part that raises is named the same way.
 
-The tolerance is a fraction of how far apart the canaries' own values lie at that layer (their
-spread, recorded with them), so it adapts to each model's scale: fp32 runtimes agree with torch to
-~1e-5 of it; int8 weights move values by a few percent of it, a wrong layer or exit by about all of it
-(docs/RELIABILITY.md has the measured figures). An exit answers from its logits, so logits within the
-tolerance also mean the same exit layer, except for an input whose confidence lies within that
-tolerance of the threshold.
+The record is the torch model's for torch and fp32 ONNX Runtime (they agree to ~1e-6 of the spread),
+and its own for a variant whose values differ from torch's (int8: recorded from graphs built afresh;
+int8 moves the hidden states by up to ~0.9 of the spread on the default model, as far as a swapped
+layer does, so no tolerance against torch's values could tell them apart). The tolerance is a
+fraction of how far apart the canaries' own values lie at that layer (their spread, recorded with
+them), so it follows each model's scale; docs/RELIABILITY.md has the measured figures. An exit
+answers from its logits, so logits within the tolerance also mean the same exit layer, except for an
+input whose confidence lies within that tolerance of the threshold.
 
 `verified_backend` is the one place a server calls this (server/service.py): it creates the backend,
-runs the self-test, and when the ONNX graphs fail it rebuilds them from the checkpoint and tests again
-(a graph swapped or taken from another model is never served, whatever its manifest says).
+runs the self-test, and when ONNX graphs fail it rebuilds them from the checkpoint and tests again (a
+graph swapped or taken from another model is never served, whatever its manifest says).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,23 +105,31 @@ def _error(got: np.ndarray, ref: np.ndarray, spread: float) -> tuple[float, int]
     return float(distance[worst] / max(spread, FLOOR)), worst
 
 
-def check_outputs(canaries: Canaries, ref: Outputs, got: Outputs, tolerance: float) -> Mismatch | None:
-    """The first part whose outputs lie beyond `tolerance` (a fraction of the spread) of the recorded ones."""
+def part_errors(canaries: Canaries, ref: Outputs, got: Outputs) -> Iterator[tuple[str, float, int]]:
+    """(part, largest error in units of the spread, the canary it is at), in the order the parts run;
+    a part with no comparable output (another shape, no LTE, NaN) has an infinite error."""
     scale = canaries.scale
     if got.logits.shape != ref.logits.shape or got.hidden.shape != ref.hidden.shape:
-        return Mismatch("exit 1", f"outputs of shape {got.logits.shape}, recorded {ref.logits.shape}")
+        yield "exit 1", math.inf, 0
+        return
     checks = [("embeddings", got.hidden[0], ref.hidden[0], scale["hidden"][0])]
     for k in range(ref.logits.shape[0]):
         checks.append((f"layer {k + 1}", got.hidden[k + 1], ref.hidden[k + 1], scale["hidden"][k + 1]))
         checks.append((f"exit {k + 1}", got.logits[k], ref.logits[k], scale["logits"][k]))
         if ref.lte is not None and scale["lte"] is not None:
-            if got.lte is None:
-                return Mismatch(f"exit {k + 1}", "no LTE output, recorded one")
-            checks.append((f"exit {k + 1}", got.lte[k], ref.lte[k], scale["lte"][k]))
+            checks.append((f"exit {k + 1}", got.lte[k] if got.lte is not None else None, ref.lte[k], scale["lte"][k]))
     for part, values, expected, spread in checks:
-        if not np.isfinite(values).all():
-            return Mismatch(part, "non-finite values (NaN or infinity)")
-        error, worst = _error(values, expected, spread)
+        if values is None or not np.isfinite(values).all():
+            yield part, math.inf, 0
+        else:
+            yield part, *_error(values, expected, spread)
+
+
+def check_outputs(canaries: Canaries, ref: Outputs, got: Outputs, tolerance: float) -> Mismatch | None:
+    """The first part whose outputs lie beyond `tolerance` (a fraction of the spread) of the recorded ones."""
+    for part, error, worst in part_errors(canaries, ref, got):
+        if error == math.inf:
+            return Mismatch(part, "its output is missing, of another shape, or not finite")
         if error > tolerance:
             return Mismatch(part, f"canary {worst} is {error:.3g} of the canaries' spread away from the recorded "
                             f"value (tolerance {tolerance:g})")
@@ -154,11 +165,23 @@ def self_test(canaries: Canaries, encode_fn: Encoder, vocab: Mapping[str, int], 
 
 def _failed(checkpoint: Checkpoint, canaries: Canaries, backend: Backend, mismatch: Mismatch) -> SelfTestFailed:
     where = backend.name + ("" if backend.quantize == "none" else f" {backend.quantize}")
+    record = "" if backend.quantize == "none" else f" --quantize {backend.quantize}"
     hint = ""
+    variant = canaries.references.get(backend.calibration_key) if backend.calibration_key else None
+    recorded_ort = (variant or {}).get("recorded_with", {}).get("onnxruntime")  # a quantiser's output may change
     if mismatch.in_runtime and file_sha256(checkpoint.path / WEIGHTS) != canaries.weights_sha256:
         hint = (f" ({CANARIES} was recorded for another {WEIGHTS}: if the weights were replaced on purpose, "
-                f"record new canaries with `exitserve record-canaries {checkpoint.path}`)")
+                f"record new canaries with `exitserve record-canaries {checkpoint.path}{record}`)")
+    elif mismatch.in_runtime and recorded_ort and recorded_ort != ort_version():
+        hint = (f" (recorded with onnxruntime {recorded_ort}, this is {ort_version()}: if its new quantiser is "
+                f"trusted, record new canaries with `exitserve record-canaries {checkpoint.path}{record}`)")
     return SelfTestFailed(f"self-test on {where}: {mismatch}{hint}")
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def verified_backend(checkpoint: Checkpoint, name: str = "torch", quantize: str = "none",

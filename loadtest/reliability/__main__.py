@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exitserve.loadtest.reliability.flood import flood
+from exitserve.loadtest.reliability.flood import FLOOD_ADDRESS, flood
 from exitserve.loadtest.reliability.scenarios import FIXTURE_TEXTS, Options, load_texts, overload, soak
 from exitserve.loadtest.reliability.shutdown import shutdown
 from exitserve.loadtest.reliability.slow_clients import slow_clients
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=300, help="slow-clients: connections of each kind")
     parser.add_argument("--idle", type=int, default=1000, help="flood: idle connections")
     parser.add_argument("--clients", type=int, default=4, help="flood: real clients")
+    parser.add_argument("--flood-address", default=FLOOD_ADDRESS,
+                        help="flood: where the idle connections come from (the real clients: 127.0.0.1)")
     parser.add_argument("--hold-seconds", type=float, default=45, help="slow-clients, flood: how long to keep them")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="tamper: the graphs' weights")
     parser.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.run == "slow-clients":
         slow_clients(opts, args.count, args.hold_seconds)
     elif args.run == "flood":
-        flood(opts, args.idle, args.hold_seconds, args.clients)
+        flood(opts, args.idle, args.hold_seconds, args.clients, args.flood_address)
     else:
         shutdown(opts, args.fraction)
 

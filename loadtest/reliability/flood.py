@@ -2,10 +2,11 @@
 
 Opens `idle` connections that send nothing and reopens each one as soon as the server closes it (the
 worst case: the flood never shrinks), from an address of its own (127.0.0.2, as an attacker has one;
-the real clients come from 127.0.0.1). Once they are open (plus a second), `clients` real clients
-send ordinary /predict requests one after another for `seconds`, each on a new connection, and every
-second the run counts the flood's connections still open and the real requests' outcomes. Writes
-OUT/flood.json and a PNG. `flood_against` drives a server that is already running (the tests).
+the real clients come from 127.0.0.1; `address` 127.0.0.1 puts the flood behind the clients' address,
+as behind a proxy). Once they are open (plus a second), `clients` real clients send ordinary /predict
+requests one after another for `seconds`, each on a new connection, and every second the run counts
+the flood's connections still open and the real requests' outcomes. Writes OUT/flood.json and a PNG.
+`flood_against` drives a server that is already running (the tests).
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ class Timeline:
     real: list[dict[str, int]] = field(default_factory=list)  # per second: outcomes of the real requests
 
 
-async def idle_connection(port: int, stop: asyncio.Event, flood: Flood) -> None:
-    """One idle connection, reopened whenever the server closes it, until `stop`."""
+async def idle_connection(port: int, stop: asyncio.Event, flood: Flood, address: str) -> None:
+    """One idle connection from `address`, reopened whenever the server closes it, until `stop`."""
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.open_connection(HOST, port, local_addr=(FLOOD_ADDRESS, 0))
+            reader, writer = await asyncio.open_connection(HOST, port, local_addr=(address, 0))
         except OSError:
             flood.refused += 1
             await asyncio.sleep(0.05)
@@ -80,9 +81,9 @@ async def real_client(port: int, end: float, outcomes: list[tuple[float, str]], 
             outcomes.append((sent - start, outcome))
 
 
-async def _run(port: int, idle: int, seconds: float, clients: int, headers: dict[str, str]) -> dict:
+async def _run(port: int, idle: int, seconds: float, clients: int, headers: dict[str, str], address: str) -> dict:
     stop, flood, timeline, outcomes = asyncio.Event(), Flood(), Timeline(), []
-    tasks = [asyncio.create_task(idle_connection(port, stop, flood)) for _ in range(idle)]
+    tasks = [asyncio.create_task(idle_connection(port, stop, flood, address)) for _ in range(idle)]
     settle = time.monotonic() + 10
     while flood.opened < idle and time.monotonic() < settle:  # the flood is in place before the clients come
         await asyncio.sleep(0.05)
@@ -99,7 +100,7 @@ async def _run(port: int, idle: int, seconds: float, clients: int, headers: dict
     stop.set()
     await asyncio.gather(*tasks)
     statuses = Counter(o for _, o in outcomes)
-    return {"idle": idle, "clients": clients, "seconds": seconds,
+    return {"idle": idle, "clients": clients, "seconds": seconds, "flood_address": address,
             "flood": {"opened": flood.opened, "closed_by_server": flood.closed_by_server, "refused": flood.refused},
             "real": {"sent": len(outcomes), "statuses": dict(statuses),
                      "success_rate": round(statuses["200"] / len(outcomes), 4) if outcomes else None},
@@ -107,14 +108,14 @@ async def _run(port: int, idle: int, seconds: float, clients: int, headers: dict
 
 
 def flood_against(port: int, idle: int = 1000, seconds: float = 30, clients: int = 4,
-                  headers: dict[str, str] | None = None) -> dict:
+                  headers: dict[str, str] | None = None, address: str = FLOOD_ADDRESS) -> dict:
     """The flood against a server already listening on 127.0.0.1:`port`."""
-    return asyncio.run(_run(port, idle, seconds, clients, headers or {}))
+    return asyncio.run(_run(port, idle, seconds, clients, headers or {}, address))
 
 
-def flood(opts: Options, idle: int = 1000, seconds: float = 30, clients: int = 4) -> dict:
+def flood(opts: Options, idle: int = 1000, seconds: float = 30, clients: int = 4, address: str = FLOOD_ADDRESS) -> dict:
     with ServerProcess(opts.checkpoint, opts.settings, opts.logs / "flood.log") as server:
-        result = flood_against(server.port, idle, seconds, clients)
+        result = flood_against(server.port, idle, seconds, clients, address=address)
     result = {"run": "flood", "machine": machine(opts), "settings": opts.settings, **result}
     real = result["real"]
     print(f"flood: {idle} idle connections (opened {result['flood']['opened']} times in all); real requests: "

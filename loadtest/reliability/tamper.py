@@ -5,31 +5,44 @@ answers and what the self-test does.
 Tokenizers of the right size: the vocabulary shuffled (special tokens kept), nine word pairs swapped,
 lowercasing switched off. ONNX graphs with the manifest's hashes updated to match: layer 3 <- layer 2,
 exit L <- exit 1, a layer and an exit of another model, and a file onnxruntime cannot parse.
-The damage functions are what tests/models/test_self_test.py uses too. Writes OUT/tamper.json.
+It also records how far each runtime's canary outputs lie from the record, undamaged and damaged, in
+units of the canaries' spread (what the self-test's tolerances are set against). The damage functions
+are what tests/models/test_self_test.py uses too. Writes OUT/tamper.json.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
+import platform
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from exitserve.models.backends import create_backend
+from exitserve.models.backends import Backend, create_backend
 from exitserve.models.backends.onnx_backend import OnnxBackend, mpnet_position_bias
 from exitserve.models.backends.onnx_store import MANIFEST, ensure_graphs
 from exitserve.models.bounded_files import file_sha256
-from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
+from exitserve.models.canaries import REFERENCE, outputs, read
+from exitserve.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from exitserve.models.early_exit import EarlyExitModel
 from exitserve.models.encoding import encode
 from exitserve.models.inference import predict
-from exitserve.models.self_test import SelfTestFailed, verified_backend
+from exitserve.models.self_test import (
+    TOLERANCE_REFERENCE,
+    TOLERANCE_VARIANT,
+    SelfTestFailed,
+    part_errors,
+    verified_backend,
+)
 
 # common words whose ids are swapped pairwise ("nine word pairs swapped")
 WORD_PAIRS = (("good", "bad"), ("the", "a"), ("is", "was"), ("film", "movie"), ("and", "but"), ("not", "very"),
@@ -107,15 +120,35 @@ def another_model(checkpoint: Path, directory: Path, seed: int = 1) -> Path:
     return save_checkpoint(directory, model, ckpt.tokenizer, cfg)
 
 
-def _answers(checkpoint: Path, texts: list[str], name: str, quantize: str) -> list[tuple[int, int]]:
-    """(label, exit layer) per text, served as before the self-test: the stored graphs are used as
+def _as_stored(checkpoint: Path, name: str, quantize: str) -> tuple[Checkpoint, Backend]:
+    """The checkpoint and its backend as served before the self-test: the stored graphs are used as
     they are (neither self-tested nor rebuilt when onnxruntime cannot load them)."""
     ckpt = load_checkpoint(checkpoint)
     if name == "onnxruntime":
-        backend = OnnxBackend(ensure_graphs(ckpt, quantize), ckpt.tokenizer.pad_token_id, mpnet_position_bias(ckpt),
-                              None, quantize)
-    else:
-        backend = create_backend(ckpt, name, quantize)
+        return ckpt, OnnxBackend(ensure_graphs(ckpt, quantize), ckpt.tokenizer.pad_token_id,
+                                 mpnet_position_bias(ckpt), None, quantize)
+    return ckpt, create_backend(ckpt, name, quantize)
+
+
+def largest_error(checkpoint: Path, name: str, quantize: str, record: str | None) -> dict:
+    """How far the runtime's canary outputs lie from a record (None: torch's), in units of the spread:
+    the largest error over all parts, and the first part over the tolerance the self-test applies."""
+    canaries = read(checkpoint)
+    _, backend = _as_stored(checkpoint, name, quantize)
+    start = time.perf_counter()
+    got = outputs(backend, canaries.samples(), **canaries.digest)
+    seconds = time.perf_counter() - start  # what the self-test adds to start-up, besides the tokenizer's check
+    errors = list(part_errors(canaries, canaries.reference(record), got))
+    part, error, _ = max(errors, key=lambda e: e[1])
+    tolerance = TOLERANCE_REFERENCE if record is None else TOLERANCE_VARIANT
+    first = next(((p, round(e, 4)) for p, e, _ in errors if e > tolerance), None)
+    return {"record": record or REFERENCE, "largest": round(error, 6), "at": part, "tolerance": tolerance,
+            "first_over_tolerance": first, "run_seconds": round(seconds, 3)}
+
+
+def _answers(checkpoint: Path, texts: list[str], name: str, quantize: str) -> list[tuple[int, int]]:
+    """(label, exit layer) per text, served as before the self-test (`_as_stored`)."""
+    ckpt, backend = _as_stored(checkpoint, name, quantize)
     cfg = ckpt.exit_config
     samples = encode(ckpt.tokenizer, texts, None, cfg.max_length)
     threshold = cfg.thresholds(cfg.threshold_for(backend.calibration_key))
@@ -156,6 +189,11 @@ def tamper(checkpoint: Path, texts: list[str], out: Path, quantize: str = "none"
         cases = [(name, "torch", "none", damage) for name, damage in TOKENIZER_DAMAGE.items()]
         cases += [(name, "onnxruntime", quantize, repl)
                   for name, repl in graph_damage(graphs, other, num_layers).items()]
+        variant = f"onnxruntime-{quantize}" if quantize != "none" else None
+        compared = [("torch", "none", None), ("onnxruntime", quantize, None)]
+        if variant in read(clean).references:
+            compared.append(("onnxruntime", quantize, variant))
+        clean_errors = [{"runtime": n, "quantize": q, **largest_error(clean, n, q, r)} for n, q, r in compared]
         runtimes = {("torch", "none"), ("onnxruntime", quantize)}
         reference = {(n, q, upper): _answers(clean, [t.upper() for t in texts] if upper else texts, n, q)
                      for n, q in runtimes for upper in (False, True)}
@@ -172,19 +210,28 @@ def tamper(checkpoint: Path, texts: list[str], out: Path, quantize: str = "none"
             try:
                 served = _answers(broken, inputs, runtime, q)
                 differ = sum(a != b for a, b in zip(served, expected, strict=True))
+                errors = largest_error(broken, runtime, q, variant) if runtime == "onnxruntime" else None
             except Exception as exc:  # e.g. onnxruntime cannot load the graph: it never served
-                differ = f"{type(exc).__name__}"
+                differ, errors = f"{type(exc).__name__}", None
             lines: list[str] = []
             verdict = _self_test(broken, runtime, q, lines)
+            found = next((line for line in lines if "fail the self-test" in line or "cannot load them" in line), None)
             after = None
             if verdict != "passed" and not verdict.startswith("refused"):
                 after = sum(a != b for a, b in zip(_answers(broken, inputs, runtime, q), expected, strict=True))
             rows.append({"damage": name, "runtime": runtime, "quantize": q, "texts": len(texts), "upper_case": upper,
-                         "answers_differing_without_self_test": differ, "self_test": verdict,
+                         "answers_differing_without_self_test": differ, "canary_errors": errors,
+                         "self_test": verdict, "found": found,
                          "answers_differing_after": after})
             print(f"{name:>40} ({runtime} {q}): without the self-test {differ} of {len(texts)} answers differ; "
                   f"self-test: {verdict}")
-    result = {"run": "tamper", "checkpoint": str(checkpoint), "quantize": quantize, "cases": rows}
+    result = {"run": "tamper", "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(" ", "seconds"),
+              "platform": platform.platform(), "cpus": os.cpu_count(), "checkpoint": str(checkpoint),
+              "quantize": quantize, "undamaged_canary_errors": clean_errors, "cases": rows}
+    for row in clean_errors:
+        print(f"undamaged, {row['runtime']} {row['quantize']} against the {row['record']} record: largest canary "
+              f"error {row['largest']:.3g} of the spread ({row['at']}; tolerance {row['tolerance']:g}); the canaries "
+              f"ran in {row['run_seconds']:.2f} s")
     out.mkdir(parents=True, exist_ok=True)
     (out / "tamper.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'tamper.json'}")

@@ -146,6 +146,18 @@ def test_int8_is_checked_against_its_own_record(ckpt_dir, foreign_graphs, caplog
     assert self_test_on(ckpt_dir, "int8").part in ("layer 3", "exit 3", "layer 4", "exit 4")
 
 
+def test_an_int8_record_from_another_onnxruntime_says_so_when_it_fails(ckpt_dir):
+    record_canaries(load_checkpoint(ckpt_dir), ["int8"])
+    raw = json.loads((ckpt_dir / CANARIES).read_text())
+    int8 = raw["references"]["onnxruntime-int8"]
+    int8["recorded_with"]["onnxruntime"] = "0.0.1"
+    int8["logits"][0][0][0] += 10.0  # as if that onnxruntime's quantiser had computed otherwise
+    (ckpt_dir / CANARIES).write_text(json.dumps(raw))
+    with pytest.raises(SelfTestFailed, match=r"exit 1 does not reproduce .* \(recorded with onnxruntime 0\.0\.1, "
+                                              r"this is .*record-canaries .* --quantize int8`\)$"):
+        verified_backend(load_checkpoint(ckpt_dir), "onnxruntime", "int8")
+
+
 def test_an_old_checkpoint_without_canaries_warns_until_they_are_recorded(ckpt_dir, caplog, capsys):
     (ckpt_dir / CANARIES).unlink()
     with caplog.at_level(logging.WARNING, logger="exitserve"):

@@ -351,12 +351,12 @@ def damage(checkpoint: Path, how: str, tmp_path: Path, tokenizer) -> Path:
         (broken / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
     elif how == "config.json nested 100,000 deep":  # was a RecursionError traceback
         (broken / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    elif how == "tokenizer.json a FIFO":  # the tokenizer's read used to wait for a writer for ever
-        (broken / "tokenizer.json").unlink()
-        os.mkfifo(broken / "tokenizer.json")
-    elif how == "tokenizer.json -> /dev/zero":  # read without end
-        (broken / "tokenizer.json").unlink()
-        (broken / "tokenizer.json").symlink_to("/dev/zero")
+    elif how == "exit_config.json a FIFO":  # its read used to wait for a writer for ever
+        (broken / "exit_config.json").unlink()
+        os.mkfifo(broken / "exit_config.json")
+    elif how == "exit_config.json -> /dev/zero":  # used to be read until memory ran out
+        (broken / "exit_config.json").unlink()
+        (broken / "exit_config.json").symlink_to("/dev/zero")
     elif how == "exit_config.json of 8 MB":
         edit_exit_config(broken, training={"notes": "x" * 8_000_000})
     elif how == "canaries.json damaged":
@@ -387,7 +387,7 @@ EXIT_CONFIG_DAMAGE = {
 }
 BAD = ["missing exit config", "missing tokenizer", "corrupt safetensors", "head shapes", "tokenizer", "pickle",
        "5-token vocab", "NaN weights", "inf weights", *EXIT_CONFIG_DAMAGE, "config.json nested 100,000 deep",
-       "tokenizer.json a FIFO", "tokenizer.json -> /dev/zero", "exit_config.json of 8 MB", "canaries.json damaged",
+       "exit_config.json a FIFO", "exit_config.json -> /dev/zero", "exit_config.json of 8 MB", "canaries.json damaged",
        *TOKENIZER_DAMAGE]
 
 
