@@ -188,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamically quantised weights")
 
+    p = sub.add_parser("record-canaries", help="record the inputs the load-time self-test checks (for a checkpoint "
+                       "saved before they existed, or after its weights or tokenizer were replaced on purpose)",
+                       description="Runs 16 fixed inputs through the checkpoint's torch model and writes their token "
+                       "ids and every layer's and exit's outputs into CHECKPOINT/canaries.json; `serve` refuses to "
+                       "start on a tokenizer or a runtime that does not reproduce them (models/self_test.py). "
+                       "Checkpoints saved by train record them themselves.")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--quantize", choices=["int8"], action="append", default=[],
+                   help="also record what ONNX Runtime with these weights computes (from graphs built afresh), "
+                   "so that serving with quantize=int8 is checked too")
+
     p = sub.add_parser("serve", help="serve checkpoints over HTTP (default: the embedded SST-2 model)")
     p.add_argument("checkpoint", nargs="*", default=[],
                    help="checkpoint directories: one (env EXITSERVE_CHECKPOINT) or several, each a model of its "
@@ -339,6 +350,13 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     print(f"{'wrote' if built else 'up to date:'} {directory}")
 
 
+def cmd_record_canaries(args: argparse.Namespace) -> None:
+    from exitserve.models.canaries import record_canaries
+    from exitserve.models.checkpoint import load_checkpoint
+
+    print(f"wrote {record_canaries(load_checkpoint(args.checkpoint), args.quantize)}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from exitserve.models.checkpoint import load_checkpoint
     from exitserve.models.export import export_hf
@@ -362,8 +380,11 @@ def _served(checkpoints: list[str], names: list[str]) -> dict:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from exitserve.server.main import run
-    from exitserve.server.settings import Settings
+    from exitserve.server.settings import SettingsError, settings_from
 
+    malformed = [item for item in args.set if "=" not in item]
+    if malformed:
+        raise SettingsError(f"--set takes NAME=VALUE (got {malformed[0]!r})")
     overrides = dict(item.split("=", 1) for item in args.set)
     for name, value in (("host", args.host), ("port", args.port)):
         if value is not None:
@@ -379,13 +400,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             num_gpus=args.num_gpus_per_replica, max_ongoing_requests=args.max_ongoing_requests,
             max_queued_requests=args.max_queued_requests, metrics_port=args.metrics_port,
         )
-        return ray_serve.run(Settings(**overrides), options, args.ray_address)
-    return run(Settings(**overrides))
+        return ray_serve.run(settings_from(overrides), options, args.ray_address)
+    return run(settings_from(overrides))
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
             "fit-exit-rule": cmd_fit_exit_rule, "export": cmd_export, "export-onnx": cmd_export_onnx,
-            "serve": cmd_serve}
+            "record-canaries": cmd_record_canaries, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

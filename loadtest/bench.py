@@ -47,7 +47,8 @@ from exitserve.loadtest.servers import (
     peer_command,
     running,
 )
-from exitserve.models.backends import BACKENDS, create_backend
+from exitserve.models.backends import BACKENDS, create_backend, onnx_backend
+from exitserve.models.backends.onnx_backend import pool_is_shared
 from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.data import DEFAULT_DATA, load_examples
 from exitserve.models.encoding import encode, pad_tokens
@@ -126,9 +127,7 @@ def library(setup: Setup, max_samples: int | None, hf_dir: Path) -> dict:
     if threads:
         torch.set_num_threads(threads)
     if setup.backend == "onnxruntime":
-        from exitserve.models.backends.onnx_backend import share_one_thread_pool
-
-        share_one_thread_pool(threads)
+        onnx_backend.share_one_thread_pool(threads)
     ckpt = load_checkpoint(setup.checkpoint)
     cfg, backend = ckpt.exit_config, create_backend(ckpt, setup.backend)
     texts = sentences(setup.data, max_samples)
@@ -138,7 +137,7 @@ def library(setup: Setup, max_samples: int | None, hf_dir: Path) -> dict:
     rows = []
     for batch_size in (1, 32):
         on, off = wall_clock(backend, criterion, samples, [threshold, 1.0], batch_size)
-        whole = whole_graph_seconds(hf_dir, samples, batch_size, threads, setup.backend == "onnxruntime")
+        whole = whole_graph_seconds(hf_dir, samples, batch_size, threads, pool_is_shared())
         ideal = cfg.num_layers / on["mean_exit_layer"]
         speedup = off["seconds"] / on["seconds"]
         rows.append({"batch_size": batch_size, "threshold": threshold, "exits_on_s": on["seconds"],

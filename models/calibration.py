@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from exitserve.models.backends import Backend, create_backend
+from exitserve.models.canaries import record_variant
 from exitserve.models.checkpoint import Checkpoint
 from exitserve.models.data import ColumnOptions, Examples, load_texts
 from exitserve.models.encoding import encode
@@ -216,7 +217,8 @@ def calibrate(
     model), measure it on the rest, update the checkpoint's exit config on disk, and return it. Rows that
     fitted the checkpoint's exit rule are left out first (models/holdout.py). A backend whose answers differ
     from the checkpoint's own (`calibration_key`: quantised weights) gets its record under
-    calibration["variants"][key] (ExitConfig.threshold_for); otherwise the default threshold is set."""
+    calibration["variants"][key] (ExitConfig.threshold_for) and its canaries are recorded (the self-test
+    checks a variant against its own record); otherwise the default threshold is set."""
     backend = backend or create_backend(checkpoint)
     cfg = checkpoint.exit_config
     criterion = criterion or cfg.criterion
@@ -260,5 +262,6 @@ def calibrate(
         cfg.calibration = {**result, **({"variants": variants} if variants else {})}
     else:
         cfg.calibration = {**previous, "variants": {**variants, backend.calibration_key: result}}
+        record_variant(checkpoint, backend.quantize)  # so the load-time self-test checks this variant too
     cfg.save(checkpoint.path)
     return cfg

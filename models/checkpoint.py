@@ -6,10 +6,12 @@
       tokenizer files      as saved by the tokenizer (tokenizer.json, vocab, ...)
       exit_config.json     `ExitConfig` (models/exit_config.py)
       exit_rule.json       optional: the learned exit rule (models/exit_rule.py), its own typed schema
+      canaries.json        what the load-time self-test checks (models/canaries.py), recorded on save
 
 `load_checkpoint` loads the torch model (training, evaluation, the torch backend, building ONNX graphs)
-and validates everything, raising `CheckpointError` with a one-line reason for a missing file, corrupt
-or non-finite weights, an exit config of the wrong types or ranges (a typed pydantic schema), a
+and validates everything, raising `CheckpointError` with a one-line reason for a missing file, a file that
+is not a regular one, too large or (JSON) nested too deeply (models/bounded_files.py), corrupt or
+non-finite weights, an exit config of the wrong types or ranges (a typed pydantic schema), a
 tokenizer that does not cover the backbone's vocabulary, a `max_length` beyond the backbone's position
 embeddings, or shapes that do not match the backbone. `check_files` is the part of it that needs no
 model, shared with the serving loader (models/served.py); it lives in models/exit_config.py.
@@ -62,6 +64,9 @@ def save_checkpoint(
     }
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "exitserve_schema": str(SCHEMA_VERSION)})
     exit_config.save(directory)
+    from exitserve.models.canaries import record_canaries  # it runs the backends, which import this module
+
+    record_canaries(load_checkpoint(directory))  # the model as saved (fp16 weights rounded) is the reference
     return directory
 
 

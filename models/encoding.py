@@ -30,6 +30,11 @@ class InputTooLong(ValueError):
     """An input longer than the model's maximum, when truncation is off."""
 
 
+class EmptyInput(ValueError):
+    """A text of which the tokenizer keeps nothing (e.g. only combining marks or private-use characters):
+    the model would answer its special tokens alone."""
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
@@ -77,22 +82,31 @@ class TextEncoder:
         """From a loaded Hugging Face fast tokenizer (training and the library's torch path)."""
         return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.pad_token_id, max_length)
 
+    def vocab(self) -> dict[str, int]:
+        """Token -> id, added tokens included (as a Hugging Face tokenizer's `get_vocab`)."""
+        return self.plain.get_vocab(with_added_tokens=True)
+
     @property
     def vocab_size(self) -> int:
         return self.plain.get_vocab_size(with_added_tokens=True)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, truncate: bool = True) -> list[Encoded]:
         """Tokenise; inputs over `max_length` tokens are truncated, or rejected (InputTooLong) when
-        `truncate` is off."""
+        `truncate` is off; a text (or pair) the tokenizer keeps nothing of is rejected (EmptyInput)."""
         tokenizer = self.truncating if truncate else self.plain
         if len(texts) == 1:  # encode_batch hands even one input to a thread pool: slower for one
             batch = [tokenizer.encode(texts[0], pairs[0] if pairs is not None else None)]
         else:
             batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
+        sides = ("text", "text_pair") if pairs is not None else ("text",)
         out = []
         for i, enc in enumerate(batch):
             if len(enc.ids) > self.max_length:
                 raise InputTooLong(f"input {i} has {len(enc.ids)} tokens; the model takes at most {self.max_length}")
+            kept = set(enc.sequence_ids)  # which sides have tokens (None: the special tokens)
+            empty = next((side for n, side in enumerate(sides) if n not in kept), None)
+            if empty is not None:
+                raise EmptyInput(f"{empty}[{i}]: empty text (the tokenizer keeps none of its characters)")
             out.append(Encoded(enc.ids, enc.type_ids))
         return out
 

@@ -17,12 +17,14 @@ from dataclasses import asdict, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as typed_dataclass
 
+from exitserve.models.bounded_files import UnsafeFile, check_readable, read_json
 from exitserve.models.criteria import CRITERIA, ExitCriterion, expand_thresholds
 from exitserve.models.encoding import TextEncoder
 from exitserve.models.exit_rule import RULE_FILE, RULE_SCHEMA_VERSION, ExitRule
+from exitserve.models.problems import first_problem
 from exitserve.models.tasks import CLASSIFICATION, REGRESSION, TaskSpec
 
 SCHEMA_VERSION = 1
@@ -49,6 +51,7 @@ class BackboneError(RuntimeError):
 
 Name = Annotated[str, Field(min_length=1)]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+THRESHOLD = TypeAdapter(Threshold | list[Threshold], config=ConfigDict(strict=True))
 
 
 # A typed schema: constructing one checks every field's type (strictly: "6" is not a number) and range.
@@ -129,6 +132,27 @@ class ExitConfig:
             self.make_criterion()
         except ValueError as exc:
             raise CheckpointError(f"exit config: {exc}") from exc
+        self._validate_variants()
+
+    def _validate_variants(self) -> None:
+        """Every runtime variant's calibrated threshold is one a server could serve with (threshold_for)."""
+        variants = (self.calibration or {}).get("variants")
+        if variants is None:
+            return
+        if not isinstance(variants, dict):
+            raise CheckpointError("exit config: calibration.variants must be an object")
+        for key, record in variants.items():
+            where = f"calibration.variants[{key!r}].threshold"
+            if not isinstance(record, dict) or "threshold" not in record:
+                raise CheckpointError(f"exit config: {where}: missing")
+            try:
+                self.thresholds(THRESHOLD.validate_python(record["threshold"]))
+            except ValueError as exc:  # pydantic's ValidationError is one too
+                got = repr(record["threshold"])
+                raise CheckpointError(
+                    f"exit config: {where}: not a finite threshold in [0, 1] (or one per layer: "
+                    f"{self.num_layers}): got {got if len(got) <= 60 else got[:57] + '...'}"
+                ) from exc
 
     def save(self, directory: Path) -> None:
         config = asdict(self)
@@ -141,11 +165,11 @@ class ExitConfig:
     def read(cls, directory: Path) -> ExitConfig:
         path = directory / EXIT_CONFIG
         try:
-            raw = json.loads(path.read_text())
+            raw = read_json(path)
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path} is missing: not an exitserve checkpoint") from exc
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        except UnsafeFile as exc:
+            raise CheckpointError(str(exc)) from exc
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path} must hold a JSON object")
         if raw.get("schema_version") != SCHEMA_VERSION:
@@ -157,7 +181,7 @@ class ExitConfig:
         try:
             config = cls(**{k: v for k, v in raw.items() if k in known}, exit_rule=read_exit_rule(directory))
         except ValidationError as exc:
-            raise CheckpointError(f"{path}: {_first_problem(exc)}") from exc
+            raise CheckpointError(f"{path}: {first_problem(exc)}") from exc
         config.validate()
         return config
 
@@ -168,9 +192,9 @@ def read_exit_rule(directory: Path) -> ExitRule | None:
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        raw = read_json(path)
+    except UnsafeFile as exc:
+        raise CheckpointError(str(exc)) from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     if raw.get("schema_version") != RULE_SCHEMA_VERSION:
@@ -178,24 +202,8 @@ def read_exit_rule(directory: Path) -> ExitRule | None:
     try:
         return ExitRule(**raw)
     except ValidationError as exc:
-        first = exc.errors()[0]  # a field's type or range, or (no location) a shape check of the whole rule
-        reason = _first_problem(exc) if first["loc"] else str(first.get("ctx", {}).get("error", first["msg"]))
-        raise CheckpointError(f"{path}: {reason}") from exc
+        raise CheckpointError(f"{path}: {first_problem(exc)}") from exc
 
-
-def _first_problem(exc: ValidationError) -> str:
-    """One line naming the field: "num_layers: Input should be a valid integer (got '6')"."""
-    errors = exc.errors()
-    field_errors = [e for e in errors if e["loc"][0] == errors[0]["loc"][0]]
-    err = max(field_errors, key=lambda e: len(e["loc"]))  # in a union: the member that got furthest
-    loc = err["loc"]  # the field, then list indices (and, inside a union, the member tried: left out)
-    where = str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
-    if err["type"] == "literal_error":
-        return f"unknown {where} {err['input']!r} (expected {err['ctx']['expected']})"
-    if err["type"] == "missing":
-        return f"{where}: missing"
-    got = repr(err["input"])
-    return f"{where}: {err['msg']} (got {got if len(got) <= 60 else got[:57] + '...'})"
 
 
 # families whose position ids start after the padding index (so max_position_embeddings - pad - 1 are usable)
@@ -206,10 +214,10 @@ def read_backbone_config(directory: Path) -> dict:
     """The backbone's config.json as a dict (CheckpointError when it is missing or not a JSON object)."""
     path = directory / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = read_json(path)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {directory} is missing config.json") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # UnsafeFile is a ValueError
         raise CheckpointError(f"{path} cannot be read: {exc}") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
@@ -253,6 +261,10 @@ def check_files(directory: Path) -> tuple[ExitConfig, dict]:
     fits the backbone's position embeddings. Returns the exit config and the backbone's config.json."""
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    try:
+        check_readable(directory)  # before any JSON is parsed, by us or by the tokenizer libraries
+    except UnsafeFile as exc:
+        raise CheckpointError(str(exc)) from exc
     for name in ("config.json", WEIGHTS):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name}")

@@ -7,18 +7,23 @@ stale graphs (the first start; `exitserve export-onnx` does it ahead), and dropp
 The torch backend, and a model the ONNX graphs cannot reproduce, load it as the library does.
 
 Every check `load_checkpoint` makes that needs no model is made here too (models/exit_config.py): a
-broken checkpoint raises `CheckpointError` with a one-line reason before anything is served.
+broken checkpoint raises `CheckpointError` with a one-line reason before anything is served. Then the
+backend is self-tested on the checkpoint's canaries (models/self_test.py): a tokenizer or a graph that
+does not reproduce them is refused (graphs are rebuilt once first), so what is served is the model.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from exitserve.models.backends import Backend, check_choice, open_onnx
+from exitserve.models.criteria import ExitCriterion
 from exitserve.models.encoding import TextEncoder
 from exitserve.models.exit_config import CheckpointError, ExitConfig, check_encoder, check_files
+from exitserve.models.self_test import verified
 
 log = logging.getLogger("exitserve")
 
@@ -67,17 +72,29 @@ def load_served(
     if backend == "onnxruntime" and device != "cpu":
         raise ValueError(f"backend=onnxruntime computes on the CPU; use backend=torch on {device}")
     encoder = _encoder(directory, exit_config, backbone_config)
-    if backend == "torch":
-        return LoadedCheckpoint(directory, exit_config, encoder, _torch_backend(directory, device))
+    backend, rebuild = _backend(directory, exit_config, encoder, backend, chosen, quantize, threads, device, arena)
+    thresholds = exit_config.thresholds(exit_config.threshold_for(backend.calibration_key))
+    backend = verified(directory, encoder, backend, chosen, thresholds, rebuild)
+    return LoadedCheckpoint(directory, exit_config, encoder, backend)
+
+
+def _backend(directory: Path, exit_config: ExitConfig, encoder: TextEncoder, name: str, criterion: ExitCriterion,
+             quantize: str,
+             threads: int | None, device: str, arena: bool) -> tuple[Backend, Callable[[str], Backend] | None]:
+    """The named backend, and how to open it again on graphs rebuilt (ONNX Runtime; None for torch)."""
+    if name == "torch":
+        return _torch_backend(directory, device), None
     from exitserve.models.backends.onnx_store import UnsupportedModel
 
+    def onnx(rebuild: str | None = None) -> Backend:
+        return open_onnx(directory, exit_config, encoder.pad_id, lambda: _load_model(directory), criterion,
+                         quantize, threads, arena, rebuild)
+
     try:
-        onnx = open_onnx(directory, exit_config, encoder.pad_id, lambda: _load_model(directory), chosen, quantize,
-                         threads, arena)
+        return onnx(), onnx
     except UnsupportedModel as exc:
         log.warning("%s: serving on torch instead of onnxruntime: %s", directory, exc)
-        return LoadedCheckpoint(directory, exit_config, encoder, _torch_backend(directory, device))
-    return LoadedCheckpoint(directory, exit_config, encoder, onnx)
+        return _torch_backend(directory, device), None
 
 
 def _load_model(directory: Path):

@@ -25,7 +25,7 @@ from pydantic import Discriminator, Tag
 
 from exitserve.server import admin, oip, tei
 from exitserve.server.docs_ui import docs_router
-from exitserve.server.error_format import error_response
+from exitserve.server.error_format import KINDS, kind_response
 from exitserve.server.errors import APIError, install_error_handlers
 from exitserve.server.guard import GuardMiddleware
 from exitserve.server.handling import answer_headers, check_inputs, models_of, require_json, run, serving
@@ -75,7 +75,7 @@ def validate(req: PredictRequest, service: PredictionService) -> tuple[list[str]
     pairs = _as_list(req.text_pair) if req.text_pair is not None else None
     if pairs is not None and service.pair_input and (
             isinstance(req.text, str) != isinstance(req.text_pair, str) or len(pairs) != len(texts)):
-        raise APIError(422, "validation_error", "text_pair: must match text (a string, or a list of the same length)")
+        raise APIError.of("validation_error", "text_pair: must match text (a string, or a list of the same length)")
     check_inputs(service, texts, pairs, single=isinstance(req.text, str))
     return texts, pairs
 
@@ -127,9 +127,9 @@ async def health() -> StatusResponse:
 async def ready(request: Request):
     """Readiness: 200 only once every model is loaded and warmed up, and not while draining."""
     if request.app.state.draining:
-        return error_response(503, "draining", "the server is shutting down")
+        return kind_response(KINDS["draining"], "the server is shutting down")
     if not models_of(request).ready:
-        return error_response(503, "not_ready", "the model is loading")
+        return kind_response(KINDS["not_ready"], "the model is loading")
     return StatusResponse(status="ready")
 
 

@@ -1,10 +1,12 @@
-"""Every failure's answer in one table, and the error handlers that use it.
+"""Every failure's answer from the one error table, and the error handlers that use it.
 
-`ERRORS` maps each exception the service, the scheduler or the request guard raises to its HTTP
-status, error type, Retry-After and failure-metric label (`exitserve_request_failures_total{reason}`);
-anything the model raises that is not in it is a 500 `inference_error`. The /predict route and
-`GuardMiddleware` both answer through `api_error` + `reply`, and `reply` only marks the request with
-its failure label: the middleware counts it, once per request, with the request's status. Every
+The table itself (`KINDS`: HTTP status, error type, Retry-After, failure-metric label
+`exitserve_request_failures_total{reason}`, connection closed or not) is server/error_format.py, free
+of model code so that Ray's proxy and the connection guard share it. Here `ERRORS` maps each
+exception the service, the scheduler or the request guard raises onto a kind of that table; anything
+the model raises that is not in it is a 500 `inference_error`. The routes and `GuardMiddleware`
+answer through `api_error` / `APIError.of` + `reply`, and `reply` only marks the request with its
+failure label: the middleware counts it, once per request, with the request's status. Every
 answer's body is in the format of the API the request called (server/error_format.py: exitserve's,
 TEI's or the Open Inference Protocol's), with the same status and message.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,15 +22,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exitserve.models.encoding import InputTooLong
-from exitserve.server.error_format import DIALECT_KEY, error_response
+from exitserve.models.encoding import EmptyInput, InputTooLong
+from exitserve.server.error_format import DIALECT_KEY, KINDS, ErrorKind, error_response, kind_response
 from exitserve.server.registry import ModelLoadError, ModelNotNamed, UnknownModel
 from exitserve.server.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped, SloUnreachable
 from exitserve.server.schemas import BODY_FORMATS
 from exitserve.server.service import NonFiniteOutput
 
 FAILURE_KEY = "exitserve.failure"  # where `reply` leaves the failure label, in the request's scope state
-MODEL_KEY = "exitserve.model"  # the served model a request used (server/handling.py), in its scope state
 
 
 class ClientGone(Exception):
@@ -60,64 +60,58 @@ class InvalidBinaryBody(BodyReadError):
     """An Open Inference Protocol body whose binary-data header does not fit it (server/oip_tensors.py)."""
 
 
-@dataclass(frozen=True)
-class ErrorKind:
-    """How one kind of failure is answered."""
-
-    status: int
-    type: str
-    retry_after: int | None = None  # seconds, sent as Retry-After
-    failure: str | None = None  # the exitserve_request_failures_total reason; None: not counted as a failure
-    close: bool = False  # close the connection after answering (a slow client must not keep it)
-
-
 ERRORS: dict[type[BaseException], ErrorKind] = {
-    QueueFull: ErrorKind(429, "overloaded", retry_after=1, failure="overloaded"),
-    # the exception's own predicted wait, when it has one, is sent as Retry-After instead
-    SloUnreachable: ErrorKind(429, "slo_unreachable", retry_after=1, failure="slo_shed"),
-    DeadlineExceeded: ErrorKind(503, "deadline_exceeded", failure="deadline"),
-    SchedulerStopped: ErrorKind(503, "shutting_down"),
-    InputTooLong: ErrorKind(422, "input_too_long"),
-    NonFiniteOutput: ErrorKind(500, "inference_error", failure="inference"),
-    ClientGone: ErrorKind(499, "client_closed_request", failure="disconnected"),  # nginx's "client closed request"
-    ClientGoneMidBody: ErrorKind(499, "client_closed_request", failure="disconnected_mid_body"),
-    BodyTooLarge: ErrorKind(413, "payload_too_large"),
-    BodyTimeout: ErrorKind(408, "request_timeout", failure="body_timeout", close=True),
-    InvalidBinaryBody: ErrorKind(400, "invalid_body"),
-    UnknownModel: ErrorKind(404, "model_not_found"),
-    ModelNotNamed: ErrorKind(422, "validation_error"),
-    ModelLoadError: ErrorKind(422, "reload_refused"),  # the admin route's: the old version keeps serving
+    QueueFull: KINDS["overloaded"],
+    SloUnreachable: KINDS["slo_unreachable"],  # with the exception's own predicted wait as Retry-After
+    DeadlineExceeded: KINDS["deadline_exceeded"],
+    SchedulerStopped: KINDS["shutting_down"],
+    InputTooLong: KINDS["input_too_long"],
+    EmptyInput: KINDS["validation_error"],
+    NonFiniteOutput: KINDS["inference_error"],
+    ClientGone: KINDS["disconnected"],
+    ClientGoneMidBody: KINDS["disconnected_mid_body"],
+    BodyTooLarge: KINDS["payload_too_large"],
+    BodyTimeout: KINDS["body_timeout"],
+    InvalidBinaryBody: KINDS["invalid_body"],
+    UnknownModel: KINDS["model_not_found"],
+    ModelNotNamed: KINDS["validation_error"],
+    ModelLoadError: KINDS["reload_refused"],
 }
-MODEL_FAILED = ErrorKind(500, "inference_error", failure="inference")  # anything else raised while predicting
+MODEL_FAILED = KINDS["inference_error"]  # anything else raised while predicting
 
 
 class APIError(Exception):
-    """An answer in the error format; `failure` is its failure-metric label (None: not a failure)."""
+    """An answer of the error table: `kind` with a message (raise `APIError.of("validation_error", ...)`)."""
 
-    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None,
-                 failure: str | None = None):
+    def __init__(self, kind: ErrorKind, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.type, self.message, self.headers, self.failure = status, type_, message, headers, failure
+        self.kind, self.message, self.retry_after = kind, message, retry_after
+
+    @classmethod
+    def of(cls, name: str, message: str) -> APIError:
+        return cls(KINDS[name], message)
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
 
 
 def api_error(exc: BaseException) -> APIError:
-    """The table's answer to `exc` (the first of its classes the table names; else a 500)."""
-    kind = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), MODEL_FAILED)
+    """The table's answer to `exc` (the first of its classes `ERRORS` names; else a 500)."""
+    known = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), None)
     detail = exc.detail if isinstance(exc, StarletteHTTPException) else str(exc)
-    message = detail if kind is not MODEL_FAILED else f"{type(exc).__name__}: {detail}"
-    retry_after = math.ceil(getattr(exc, "retry_after", None) or kind.retry_after or 0)
-    headers = {"Retry-After": str(retry_after)} if retry_after else {}
-    if kind.close:
-        headers["Connection"] = "close"
-    return APIError(kind.status, kind.type, message, headers or None, kind.failure)
+    if known is None:
+        return APIError(MODEL_FAILED, f"{type(exc).__name__}: {detail}")
+    wait = getattr(exc, "retry_after", None)  # SloUnreachable's predicted wait
+    return APIError(known, detail, math.ceil(wait) if wait else None)
 
 
 def reply(scope: dict[str, Any], error: APIError) -> JSONResponse:
     """The error-format response for `error`; its failure label goes into the request's scope state,
     where GuardMiddleware counts it."""
     state = scope.setdefault("state", {})
-    state[FAILURE_KEY] = error.failure
-    return error_response(error.status, error.type, error.message, error.headers, state.get(DIALECT_KEY, "exitserve"))
+    state[FAILURE_KEY] = error.kind.failure
+    return kind_response(error.kind, error.message, state.get(DIALECT_KEY, "exitserve"), error.retry_after)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -131,8 +125,9 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-HTTP_TYPES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-              415: "unsupported_media_type"}
+# the kinds FastAPI's own HTTPExceptions are answered as, by status (any other status: `http_error`)
+HTTP_KINDS = {k.status: k for k in (KINDS[n] for n in ("invalid_body", "not_found", "method_not_allowed",
+                                                      "payload_too_large", "unsupported_media_type"))}
 
 
 def _http_message(exc: StarletteHTTPException) -> str:
@@ -167,14 +162,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return reply(request.scope, APIError(422, "validation_error", _validation_message(exc)))
+        return reply(request.scope, APIError.of("validation_error", _validation_message(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = APIError(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), _http_message(exc),
-                         exc.headers)
-        return reply(request.scope, error)
+        kind = HTTP_KINDS.get(exc.status_code)
+        headers = {**((kind.headers() or {}) if kind else {}), **(exc.headers or {})} or None
+        dialect = request.scope.get("state", {}).get(DIALECT_KEY, "exitserve")
+        return error_response(exc.status_code, kind.type if kind else "http_error", _http_message(exc), headers,
+                              dialect)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return reply(request.scope, APIError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+        return reply(request.scope, APIError.of("internal_error", f"{type(exc).__name__}: {exc}"))

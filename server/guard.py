@@ -53,8 +53,8 @@ def authorized(key: str | None, headers: list[tuple[bytes, bytes]]) -> bool:
     return scheme.lower() == b"bearer" and secrets.compare_digest(token, key.encode())
 
 
-UNAUTHORIZED = ("unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
-ADMIN_OFF = ("admin_off", "the admin routes are off: start the server with admin_key set")
+UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer KEY)"
+ADMIN_OFF = "the admin routes are off: start the server with admin_key set"
 
 
 class GuardMiddleware:
@@ -105,12 +105,12 @@ class GuardMiddleware:
         """The answer given before the body is read, if any: 401 (403), then 429, then 413."""
         if path.startswith(ADMIN_PREFIX):
             if not settings.admin_key:
-                return APIError(403, *ADMIN_OFF)
+                return APIError.of("admin_off", ADMIN_OFF)
             if not authorized(settings.admin_key, scope["headers"]):
-                return APIError(401, *UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+                return APIError.of("unauthorized", UNAUTHORIZED)
         keyed = path in KEYED_ROUTES or path.startswith(KEYED_PREFIXES)
         if keyed and not authorized(settings.api_key, scope["headers"]):
-            return APIError(401, *UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+            return APIError.of("unauthorized", UNAUTHORIZED)
         service = self.state.models.sole()
         inference = path in INFERENCE_ROUTES or (keyed and scope["method"] == "POST")
         if inference and service is not None and service.ready and service.room <= 0:

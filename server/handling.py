@@ -22,8 +22,13 @@ from exitserve.server.registry import ModelRegistry, ServedModel
 from exitserve.server.service import Outcome, PredictionService
 
 THRESHOLD_HEADER = "x-exit-threshold"  # a request's threshold for clients that cannot add a body field
-# what a text may hold and still be empty: whitespace, control and format (zero-width) characters
-INVISIBLE = frozenset(("Zs", "Zl", "Zp", "Cc", "Cf"))
+# what a text may hold and still be empty: whitespace, control, format (zero-width), private-use and
+# unassigned characters, combining marks with nothing to combine with (U+0301, U+FE0F) ...
+INVISIBLE = frozenset(("Zs", "Zl", "Zp", "Cc", "Cf", "Co", "Cn", "Mn", "Me"))
+# ... and characters drawn blank or meaning "nothing": Hangul fillers, the blank Braille pattern, the
+# replacement character (tokenizers drop or map them to the unknown token; whatever else a tokenizer
+# keeps nothing of is refused after tokenising: models/encoding.py)
+BLANK = frozenset("\u115f\u1160\u2800\u3164\uffa0\ufffd")
 T = TypeVar("T")
 
 
@@ -34,8 +39,8 @@ def models_of(request: Request) -> ModelRegistry:
 async def require_json(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise APIError(415, "unsupported_media_type",
-                       f"send the body as application/json (got {media or 'no content type'})")
+        raise APIError.of("unsupported_media_type",
+                          f"send the body as application/json (got {media or 'no content type'})")
 
 
 @contextmanager
@@ -43,7 +48,7 @@ def serving(request: Request, name: str | None) -> Iterator[ServedModel]:
     """The model called `name` (None: the only one), ready, held until the block ends."""
     with models_of(request).lease(name) as model:
         if not model.service.ready:
-            raise APIError(503, "not_ready", "the model is not ready", {"Retry-After": "1"})
+            raise APIError.of("not_ready", "the model is not ready")
         request.scope["state"][MODEL_KEY] = model.name
         yield model
 
@@ -58,7 +63,7 @@ def header_threshold(request: Request) -> float | None:
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # NaN too
-        raise APIError(422, "validation_error", f"{THRESHOLD_HEADER}: {raw[:40]!r} is not a number from 0 to 1")
+        raise APIError.of("validation_error", f"{THRESHOLD_HEADER}: {raw[:40]!r} is not a number from 0 to 1")
     return value
 
 
@@ -111,9 +116,9 @@ def answer_headers(outcome: Outcome, model: ServedModel) -> dict[str, str]:
 
 
 def blank(text: str) -> bool:
-    """True for a text with nothing a tokenizer would keep: only whitespace, control characters (NUL
-    included) or format characters (zero-width space, BOM, ...)."""
-    return all(unicodedata.category(c) in INVISIBLE for c in text)  # stops at the first visible one
+    """True for a text with nothing in it to read: only whitespace, control characters (NUL included),
+    format characters (zero-width space, BOM, ...), lone combining marks or blank-looking characters."""
+    return all(c in BLANK or unicodedata.category(c) in INVISIBLE for c in text)  # stops at the first visible one
 
 
 def check_inputs(service: PredictionService, texts: list[str], pairs: list[str] | None,
@@ -123,24 +128,24 @@ def check_inputs(service: PredictionService, texts: list[str], pairs: list[str] 
     `single`: one input, named without an index."""
     settings = service.settings
     if not texts:
-        raise APIError(422, "validation_error", f"{where[0]}: give at least one text")
+        raise APIError.of("validation_error", f"{where[0]}: give at least one text")
     if len(texts) > settings.max_inputs_per_request:
-        raise APIError(422, "validation_error",
-                       f"{where[0]}: {len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
+        raise APIError.of("validation_error",
+                          f"{where[0]}: {len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
     if pairs is not None and not service.pair_input:
-        raise APIError(422, "validation_error", f"{where[1]}: this model takes single texts, not pairs")
+        raise APIError.of("validation_error", f"{where[1]}: this model takes single texts, not pairs")
     if pairs is None and service.pair_input:
-        raise APIError(422, "validation_error", f"{where[1]}: this model scores pairs; give {where[1]}")
+        raise APIError.of("validation_error", f"{where[1]}: this model scores pairs; give {where[1]}")
     for field, values in ((where[0], texts), (where[1], pairs or [])):
         for i, value in enumerate(values):
             at = field if single else f"{field}[{i}]"
             if len(value) > settings.max_chars:
-                raise APIError(422, "validation_error", f"{at}: {len(value)} characters; at most {settings.max_chars}")
+                raise APIError.of("validation_error", f"{at}: {len(value)} characters; at most {settings.max_chars}")
             if blank(value):
-                raise APIError(422, "validation_error", f"{at}: empty text (nothing but whitespace, control or "
-                               "zero-width characters)")
+                raise APIError.of("validation_error", f"{at}: empty text (nothing but whitespace, control, "
+                              "zero-width, combining or blank characters)")
             if not value.isascii():
                 try:
                     value.encode()
                 except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" in the JSON
-                    raise APIError(422, "validation_error", f"{at}: not valid Unicode ({exc.reason})") from exc
+                    raise APIError.of("validation_error", f"{at}: not valid Unicode ({exc.reason})") from exc

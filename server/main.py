@@ -1,6 +1,7 @@
 """`exitserve serve`: load (and validate) the checkpoints, then run the app on uvicorn.
 
-Every model is loaded before uvicorn starts, so a broken one stops start-up with a one-line reason
+The port is bound first (a port in use fails at once), then every model is loaded and self-tested
+(models/self_test.py) before uvicorn starts, so a broken one stops start-up with a one-line reason
 naming the model, exit code 2, and the server never answers at all. SIGHUP reloads every model from
 its checkpoint directory in place (server/registry.py: validated and warmed up before the switch, the
 old version drained; a checkpoint that cannot be served is refused and logged, the old one keeps
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import threading
 
@@ -77,8 +79,33 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def listen(settings: Settings) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use fails at once, not after the
+    model has loaded (uvicorn would find out only then)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = listen(settings)
+    except OSError as exc:
+        print(f"exitserve serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    with sock:
+        return _serve(settings, sock)
+
+
+def _serve(settings: Settings, sock: socket.socket) -> int:
     try:
         PredictionService.own_process(settings)
         models = ModelRegistry.load(settings)
@@ -100,5 +127,5 @@ def run(settings: Settings) -> int:
                               lambda reason: refused.labels(reason).inc()),
     )
     server = DrainingServer(config, app.state, settings.drain_delay)
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1

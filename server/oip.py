@@ -206,7 +206,7 @@ async def model_version_ready(request: Request, name: str, version: str):
 def _parameter(params: Parameters, name: str, kind: type, where: str = "parameters"):
     value = params.get(name)
     if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-        raise APIError(422, "validation_error", f"{where}.{name}: must be a {kind.__name__}")
+        raise APIError.of("validation_error", f"{where}.{name}: must be a {kind.__name__}")
     return value
 
 
@@ -217,33 +217,33 @@ def _texts(req: InferRequest, tail: bytes, wanted: list[str]) -> dict[str, list[
     for i, tensor in enumerate(req.inputs):
         where = f"inputs[{i}] ({tensor.name})"
         if tensor.name not in wanted or tensor.name in found:
-            raise APIError(422, "validation_error", f"{where}: this model takes {' and '.join(wanted)}, once each")
+            raise APIError.of("validation_error", f"{where}: this model takes {' and '.join(wanted)}, once each")
         if tensor.datatype != "BYTES":
-            raise APIError(422, "validation_error", f"{where}: datatype {tensor.datatype!r}; texts are BYTES")
+            raise APIError.of("validation_error", f"{where}: datatype {tensor.datatype!r}; texts are BYTES")
         if not 1 <= len(tensor.shape) <= 2 or tensor.shape[1:] not in ([], [1]) or min(tensor.shape) < 0:
-            raise APIError(422, "validation_error", f"{where}: shape {tensor.shape}; texts are [N] or [N, 1]")
+            raise APIError.of("validation_error", f"{where}: shape {tensor.shape}; texts are [N] or [N, 1]")
         size = _parameter(tensor.parameters or {}, "binary_data_size", int, f"{where}.parameters")
         if size is not None:
             chunk = tail[offset: offset + size]
             if tensor.data is not None or size < 0 or len(chunk) != size:
-                raise APIError(422, "validation_error", f"{where}: binary_data_size {size} does not fit the "
+                raise APIError.of("validation_error", f"{where}: binary_data_size {size} does not fit the "
                                f"{len(tail) - offset} binary bytes left (and excludes data)")
             offset += size
             texts = decode_bytes(chunk, where)
         elif tensor.data is None:
-            raise APIError(422, "validation_error", f"{where}: no data")
+            raise APIError.of("validation_error", f"{where}: no data")
         else:
             texts = [s for item in tensor.data for s in ([item] if isinstance(item, str) else item)]
         if len(texts) != tensor.shape[0]:
-            raise APIError(422, "validation_error", f"{where}: shape {tensor.shape} but {len(texts)} texts")
+            raise APIError.of("validation_error", f"{where}: shape {tensor.shape} but {len(texts)} texts")
         found[tensor.name] = texts
     if offset != len(tail):
-        raise APIError(422, "validation_error", f"{len(tail) - offset} bytes of binary data belong to no input")
+        raise APIError.of("validation_error", f"{len(tail) - offset} bytes of binary data belong to no input")
     missing = [name for name in wanted if name not in found]
     if missing:
-        raise APIError(422, "validation_error", f"inputs: missing {' and '.join(missing)} (BYTES)")
+        raise APIError.of("validation_error", f"inputs: missing {' and '.join(missing)} (BYTES)")
     if len(found.get("text_pair", found["text"])) != len(found["text"]):
-        raise APIError(422, "validation_error", "inputs: text_pair must hold as many texts as text")
+        raise APIError.of("validation_error", "inputs: text_pair must hold as many texts as text")
     return found
 
 
@@ -253,7 +253,7 @@ def _threshold(params: Parameters, request: Request) -> float | None:
         return header_threshold(request)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise APIError(422, "validation_error", "parameters.threshold: a number from 0 to 1")
+        raise APIError.of("validation_error", "parameters.threshold: a number from 0 to 1")
     return float(value)
 
 
@@ -268,7 +268,7 @@ async def _infer(req: InferRequest, request: Request, name: str, version: str | 
         asked = [o.name for o in req.outputs] if req.outputs else list(available)
         unknown = [n for n in asked if n not in available]
         if unknown:
-            raise APIError(422, "validation_error", f"outputs: no output {unknown[0]!r}; this model has "
+            raise APIError.of("validation_error", f"outputs: no output {unknown[0]!r}; this model has "
                            f"{', '.join(available)}")
         binary = set(asked) if binary_all else {o.name for o in req.outputs or () if _parameter(
             o.parameters or {}, "binary_data", bool, f"outputs ({o.name}).parameters")}

@@ -60,15 +60,15 @@ def decode_bytes(raw: bytes, where: str) -> list[str]:
     out, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise APIError(422, "validation_error", f"{where}: binary BYTES data ends inside an element's length")
+            raise APIError.of("validation_error", f"{where}: binary BYTES data ends inside an element's length")
         (size,) = struct.unpack_from("<I", raw, offset)
         element = raw[offset + 4: offset + 4 + size]
         if len(element) != size:
-            raise APIError(422, "validation_error", f"{where}: binary BYTES element {len(out)} is cut short")
+            raise APIError.of("validation_error", f"{where}: binary BYTES element {len(out)} is cut short")
         try:
             out.append(element.decode())
         except UnicodeDecodeError as exc:
-            raise APIError(422, "validation_error", f"{where}: element {len(out)} is not valid UTF-8 text") from exc
+            raise APIError.of("validation_error", f"{where}: element {len(out)} is not valid UTF-8 text") from exc
         offset += 4 + size
     return out
 

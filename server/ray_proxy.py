@@ -13,19 +13,23 @@ from typing import Any
 
 from starlette.middleware import Middleware
 
-from exitserve.server.error_format import error_response
+from exitserve.server.error_format import KINDS, ErrorKind, dialect_of, error_response, kind_response
 
 log = logging.getLogger("exitserve")
 
-RAY_ERROR_TYPES = {408: "timeout", 429: "overloaded", 503: "unavailable"}
 RETRY_ATTEMPTS = 3  # replicas one request is tried on
 RETRY_PAUSE_S = 0.2  # before a retry: time for the router to hear that the replica is gone
 RETRY_BODY_LIMIT = 1_000_000  # the replicas' default max_body_bytes; a larger body streams through, once
 RETRIES_HEADER = "x-exitserve-retries"  # on an answer that needed retries: how many
+# Ray's own answers, as the kinds of exitserve's error table that mean the same: its backpressure is
+# exitserve's overload, its request timeout (request_timeout_s) a deadline the server missed, and "no
+# healthy replica" a model not ready. A client then sees one status and type per meaning, whichever
+# server answers.
+RAY_KINDS: dict[int, ErrorKind] = {408: KINDS["deadline_exceeded"], 429: KINDS["overloaded"], 503: KINDS["not_ready"]}
 
 
 class RayErrorFormat:
-    """Pure ASGI, in Ray's proxy: Ray's own plain-text 408/429/503 answers become exitserve errors.
+    """Pure ASGI, in Ray's proxy: Ray's own plain-text 408/429/503 answers become exitserve errors (RAY_KINDS).
 
     The replicas' own errors are JSON already and pass through untouched."""
 
@@ -40,17 +44,18 @@ class RayErrorFormat:
         async def rewrite(message):
             if message["type"] == "http.response.start":
                 headers = dict(message.get("headers", []))
-                if message["status"] in RAY_ERROR_TYPES and headers.get(b"content-type", b"").startswith(b"text/"):
+                if message["status"] in RAY_KINDS and headers.get(b"content-type", b"").startswith(b"text/"):
                     held.update(start=message, body=b"", headers=headers)
                     return
             elif held and message["type"] == "http.response.body":
                 held["body"] += message.get("body", b"")
                 if message.get("more_body"):
                     return
-                status = held["start"]["status"]
+                kind = RAY_KINDS[held["start"]["status"]]
                 retry = held["headers"].get(b"retry-after")
-                response = error_response(status, RAY_ERROR_TYPES[status], held["body"].decode(errors="replace"),
-                                          {"Retry-After": retry.decode()} if retry else None)
+                headers = {**(kind.headers() or {}), **({"Retry-After": retry.decode()} if retry else {})}
+                response = error_response(kind.status, kind.type, held["body"].decode(errors="replace"),
+                                          headers or None, dialect_of(scope["path"]))
                 return await response(scope, receive, send)
             await send(message)
 
@@ -121,8 +126,8 @@ class RetryLostReplica:
             log.warning("%s %s: the replica was lost before it answered (attempt %d of %d)", scope["method"],
                         scope["path"], attempt + 1, RETRY_ATTEMPTS)
             await asyncio.sleep(RETRY_PAUSE_S)
-        response = error_response(503, "unavailable", f"no replica answered in {RETRY_ATTEMPTS} attempts "
-                                  "(replicas lost)", {"Retry-After": "1"})
+        response = kind_response(KINDS["replicas_lost"], f"no replica answered in {RETRY_ATTEMPTS} attempts "
+                                 "(replicas lost)", dialect_of(scope["path"]))
         await response(scope, receive, send)
 
 

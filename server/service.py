@@ -39,6 +39,27 @@ from exitserve.server.steps import Sample
 WARMUP_TEXT = "warming up"
 WARMUP_SINGLES = 3
 INLINE_TOKENIZE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop
+INFO_KEYS, INFO_CHARS = 40, 200  # /info shows at most this many fields per object, this many characters per text
+
+
+def summary(record: dict | None, depth: int = 3) -> dict | None:
+    """A calibration record as /info shows it, small however large the record: numbers, flags, short
+    texts and short lists of numbers (per-layer thresholds), and objects `depth` deep (a variant's
+    record, its report rows); other lists (the per-threshold tests) are left out."""
+    if record is None:
+        return None
+    out: dict = {}
+    for key, value in list(record.items())[:INFO_KEYS]:
+        if isinstance(value, str):
+            out[key] = value[:INFO_CHARS]
+        elif value is None or isinstance(value, (bool, int, float)):
+            out[key] = value
+        elif isinstance(value, dict) and depth > 1:
+            out[key] = summary(value, depth - 1)
+        elif isinstance(value, list) and len(value) <= INFO_KEYS and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            out[key] = value
+    return out
 
 
 class NonFiniteOutput(RuntimeError):
@@ -248,7 +269,7 @@ class PredictionService:
         return {
             "model": self.name, "task": cfg.task, "task_type": cfg.task_type, "labels": cfg.label_names,
             "num_layers": cfg.num_layers, "criterion": self.criterion.name,
-            "default_threshold": self.default_threshold, "calibration": cfg.calibration,
+            "default_threshold": self.default_threshold, "calibration": summary(cfg.calibration),
             "backend": {"name": self.backend.name, "quantize": self.backend.quantize,
                         "calibration_key": self.backend.calibration_key},
             "scheduler": {"policy": self.scheduler.policy.name, "slo_ms": s.slo_ms},

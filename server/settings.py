@@ -1,20 +1,45 @@
-"""All server settings in one object; every field is also an `EXITSERVE_<NAME>` environment variable."""
+"""All server settings in one object; every field is also an `EXITSERVE_<NAME>` environment variable.
+
+A name that is not a setting -- `--set apikey=x`, `EXITSERVE_APIKEY=x` -- is refused with the setting
+it probably meant, never ignored (it used to start a server without the key, silently), and so is an
+empty API key. `settings_from` (what `exitserve serve` uses) says what is wrong in one line.
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from exitserve.models.problems import first_problem
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ENV_PREFIX = "EXITSERVE_"
+# EXITSERVE_* variables that other parts read, not settings: the cache directory (models/backbones.py),
+# the allocator's re-execution mark (server/allocator.py), the Ray test cluster's mark (loadtest/cluster.py),
+# test and experiment knobs
+OTHER_VARIABLES = frozenset(("EXITSERVE_CACHE", "EXITSERVE_ALLOCATOR_PRELOADED", "EXITSERVE_FUZZ_EXAMPLES",
+                             "EXITSERVE_CLUSTER",
+                             "EXITSERVE_GLUE_DIR"))
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used: the message says why in one line."""
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EXITSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     checkpoint: Path = Field(DEFAULT_MODEL, description="checkpoint directory (default: the embedded SST-2 model)")
     models: dict[str, Path] = Field(
@@ -105,6 +130,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, "
                                  "starting with a letter or digit): it is part of URLs and metric labels")
         return models
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, values: Any) -> Any:
+        known = [ENV_PREFIX + name.upper() for name in cls.model_fields]
+        for variable in os.environ:
+            if variable.startswith(ENV_PREFIX) and variable not in OTHER_VARIABLES and variable not in known:
+                raise ValueError(f"unknown setting {variable} in the environment{did_you_mean(variable, known)}")
+        return values
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("an empty API key would let anyone in: set one, or unset api_key to serve without")
+        return key
 
     @model_validator(mode="after")
     def _autopilot_needs_audits(self) -> Settings:
@@ -118,3 +158,15 @@ class Settings(BaseSettings):
         from exitserve.models.backends import default_backend
 
         return self.backend or default_backend(self.device)
+
+
+def settings_from(overrides: dict[str, Any]) -> Settings:
+    """Settings from the environment and `overrides` (`--set NAME=VALUE`); SettingsError in one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "extra_forbidden":
+            name = str(error["loc"][0])
+            raise SettingsError(f"unknown setting {name!r}{did_you_mean(name, list(Settings.model_fields))}") from exc
+        raise SettingsError(f"setting {first_problem(exc)}" if error["loc"] else first_problem(exc)) from exc

@@ -94,27 +94,27 @@ def sequences(inputs: str | list[str] | list[list[str]]) -> tuple[list[list[str]
         return [[inputs]], False
     if inputs and all(isinstance(x, str) for x in inputs):
         if len(inputs) > 2:
-            raise APIError(422, "validation_error", f"inputs: a list of {len(inputs)} strings; [a, b] is one "
+            raise APIError.of("validation_error", f"inputs: a list of {len(inputs)} strings; [a, b] is one "
                            "pair, a batch is a list of lists: [[text], [text], ...]")
         return [list(inputs)], False
     if not inputs:
-        raise APIError(422, "validation_error", "inputs: give at least one text")
+        raise APIError.of("validation_error", "inputs: give at least one text")
     for i, seq in enumerate(inputs):
         if not 1 <= len(seq) <= 2:
-            raise APIError(422, "validation_error", f"inputs[{i}]: {len(seq)} strings; a text is [text], a "
+            raise APIError.of("validation_error", f"inputs[{i}]: {len(seq)} strings; a text is [text], a "
                            "pair [a, b]")
     return inputs, True
 
 
 def _refuse_unsupported(req: TeiRequest) -> None:
     if req.raw_scores:
-        raise APIError(422, "validation_error", "raw_scores: not available; the exits answer softmax probabilities")
+        raise APIError.of("validation_error", "raw_scores: not available; the exits answer softmax probabilities")
     function = req.parameters.function_to_apply if req.parameters else None
     if function not in (None, "softmax"):
-        raise APIError(422, "validation_error", f"parameters.function_to_apply: {function!r} not available; the "
+        raise APIError.of("validation_error", f"parameters.function_to_apply: {function!r} not available; the "
                        "exits answer softmax probabilities")
     if req.truncation_direction.lower() != "right":
-        raise APIError(422, "validation_error", "truncation_direction: only right truncation")
+        raise APIError.of("validation_error", "truncation_direction: only right truncation")
 
 
 def _labels(model: ServedModel, outcome: Outcome, i: int, top_k: int | None) -> list[dict]:
@@ -129,13 +129,13 @@ async def classify(req: TeiRequest, request: Request, name: str | None = None) -
     """Answer a TEI / Inference API body with model `name` (else the body's, else the only one)."""
     _refuse_unsupported(req)
     if name is not None and req.model not in (None, name):
-        raise APIError(422, "validation_error", f"model: {req.model!r} in the body, {name!r} in the path")
+        raise APIError.of("validation_error", f"model: {req.model!r} in the body, {name!r} in the path")
     seqs, batch = sequences(req.inputs)
     threshold = req.threshold if req.threshold is not None else header_threshold(request)
     with serving(request, name or req.model) as model:
         pair = model.service.pair_input
         if any((len(s) == 2) != pair for s in seqs):
-            raise APIError(422, "validation_error", "inputs: this model scores pairs: [a, b], or a batch [[a, b], "
+            raise APIError.of("validation_error", "inputs: this model scores pairs: [a, b], or a batch [[a, b], "
                            "...]" if pair else "inputs: this model takes single texts: a text, or a batch "
                            "[[text], ...] ([a, b] is one pair)")
         texts, pairs = [s[0] for s in seqs], [s[1] for s in seqs] if pair else None

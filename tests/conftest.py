@@ -33,6 +33,18 @@ GLUE = FIXTURES / "glue"
 TINY_LAYERS = 4
 
 
+@pytest.fixture(autouse=True)
+def per_session_ort_pools(monkeypatch):
+    """ONNX Runtime allows one process-wide thread pool, and no session with a pool of its own once it
+    exists. A server owns its process (`PredictionService.own_process` shares the pool); the tests run
+    many servers and peers in one process, so here every session keeps its own pool. Servers started
+    as subprocesses (loadtest.servers) still share theirs."""
+    from exitserve.models.backends import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "share_one_thread_pool", lambda threads: None)
+
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     return resolve_backbone("minilm-l6")

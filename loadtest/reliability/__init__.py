@@ -6,8 +6,11 @@ in request count).
     python -m exitserve.loadtest.reliability soak       # ~70% of the sustained rate for 10 minutes
     python -m exitserve.loadtest.reliability shutdown   # SIGTERM under load
     python -m exitserve.loadtest.reliability slow-clients   # idle, trickling and stalled connections
+    python -m exitserve.loadtest.reliability flood      # 1,000 idle connections while real clients ask
+    python -m exitserve.loadtest.reliability tamper     # damaged tokenizers and graphs vs the self-test (in process)
 
 Modules: `process` (the server process; its memory and CPU), `client` (a light open-loop HTTP
 client and the request records), `report` (statistics, JSON, table, plot), `scenarios` (the runs),
-`shutdown`, `slow_clients` (raw slow connections).
+`shutdown`, `slow_clients` (raw slow connections), `flood` (idle connections vs real clients), `tamper`
+(damaged checkpoints, no server).
 """

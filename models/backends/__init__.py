@@ -42,14 +42,25 @@ def check_choice(name: str, quantize: str) -> None:
 def open_onnx(
     directory: Path, exit_config: ExitConfig, pad_id: int, load_model: ModelLoader,
     criterion: ExitCriterion | None = None, quantize: str = "none", threads: int | None = None, arena: bool = True,
+    rebuild: str | None = None,
 ) -> OnnxBackend:
     """The ONNX Runtime backend of the checkpoint in `directory`: its stored graphs, or graphs built now
-    from the torch model `load_model` returns (raises onnx_families.UnsupportedModel when they cannot be)."""
-    from exitserve.models.backends.onnx_backend import OnnxBackend
-    from exitserve.models.backends.onnx_store import ensure_graphs
+    from the torch model `load_model` returns (raises onnx_families.UnsupportedModel when they cannot be);
+    rebuilt first when `rebuild` says why (graphs that failed the self-test), and rebuilt when onnxruntime
+    cannot load them."""
+    from exitserve.models.backends.onnx_backend import ORT_LOAD_ERRORS, OnnxBackend
+    from exitserve.models.backends.onnx_store import ensure_graphs, rebuild_graphs
 
-    graphs = ensure_graphs(directory, exit_config, load_model, quantize)
-    return OnnxBackend(graphs, pad_id, criterion or exit_config.make_criterion(), threads, quantize, arena)
+    def rebuilt(why: str) -> Path:
+        return rebuild_graphs(directory, exit_config, load_model, quantize, why)
+
+    graphs = rebuilt(rebuild) if rebuild else ensure_graphs(directory, exit_config, load_model, quantize)
+    args = (pad_id, criterion or exit_config.make_criterion(), threads, quantize, arena)
+    try:
+        return OnnxBackend(graphs, *args)
+    except ORT_LOAD_ERRORS as exc:  # their hashes check out, yet onnxruntime cannot parse them
+        reason = str(exc).strip().splitlines()[0][:200]
+        return OnnxBackend(rebuilt(f"onnxruntime cannot load them: {reason}"), *args)
 
 
 def create_backend(

@@ -88,6 +88,10 @@ class Backend(ABC):
         """Every sample of a batch to its exit; `thresholds` is `[B, L]` float32 (a row per sample)."""
         return run_layers(self, samples, thresholds, criterion, trace)
 
+    def release_checks(self) -> None:  # noqa: B027 (a hook: most backends hold nothing extra)
+        """Free what only the load-time checks needed (models/self_test.py); the layer-level calls still
+        work afterwards (a backend may reload what they use)."""
+
     @abstractmethod
     def embed(self, samples: Sequence[Encoded]) -> Hidden:
         """The embedding layer's output for the right-padded samples."""

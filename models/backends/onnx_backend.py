@@ -20,7 +20,6 @@ buffers to the allocator instead (jemalloc then gives them back to the system).
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -29,13 +28,19 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 
 from exitserve.models.backends.base import Backend, BatchResult, ExitOutput
 from exitserve.models.backends.onnx_store import COMPOSED, MANIFEST, compose_stored, save_composed
+from exitserve.models.bounded_files import read_json
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.encoding import Encoded, mean_pool_weights, pad_tokens
 
 log = logging.getLogger("exitserve")
+
+# what onnxruntime raises for graph files it cannot load (their hashes may still check out)
+ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
+                   ort_errors.RuntimeException, ort_errors.InvalidArgument, ort_errors.NotImplemented)
 
 _shared: dict[str, int | None] = {}  # the process-wide pool, once created: {"threads": n}
 
@@ -48,6 +53,11 @@ def share_one_thread_pool(threads: int | None) -> None:
     if not _shared:
         ort.capi._pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
         _shared["threads"] = threads
+
+
+def pool_is_shared() -> bool:
+    """Whether this process runs its ONNX Runtime sessions on one shared pool (share_one_thread_pool)."""
+    return bool(_shared)
 
 
 def session(model: Path, threads: int | None = None, arena: bool = True) -> ort.InferenceSession:
@@ -79,7 +89,7 @@ class OnnxBackend(Backend):
         self, directory: Path, pad_id: int, criterion: ExitCriterion, threads: int | None = None,
         quantize: str = "none", arena: bool = True,
     ):
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = read_json(directory / MANIFEST)
         self.directory, self.pad_id, self.quantize = directory, pad_id, quantize
         self.threads, self.arena = threads, arena
         stored = manifest["exit_config"]
@@ -113,6 +123,9 @@ class OnnxBackend(Backend):
         out = dict(zip(self.outputs, self.composed.run(None, feeds), strict=True))
         return BatchResult(out["logits"], out["confidence"], out["exit_layer"], out["trace_confidence"],
                            out["trace_logits"], out.get("trace_lte"))
+
+    def release_checks(self) -> None:
+        self._layer_sessions = None  # the self-test's per-layer sessions: serving runs the composed graph
 
     # ---- the layer-level calls: the per-layer graphs, opened on first use ------------------------
     def _sessions(self) -> tuple:

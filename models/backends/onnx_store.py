@@ -16,17 +16,21 @@ what the manifest says; anything else (missing, stale, truncated, from another o
 rebuilt, into a temporary directory renamed into place, so a reader never sees a half-written export.
 Only building needs the torch model (`load_model`, called then and only then): a server whose graphs
 are in place never imports torch. When no location is writable it raises `OnnxStoreError` with a
-one-line reason: a bad export is never served.
+one-line reason: a bad export is never served. The hashes catch accidents, not a wrong file with a
+matching manifest: the load-time self-test (models/self_test.py) binds the graphs to the checkpoint,
+and `rebuild_graphs` replaces graphs that fail it, or that onnxruntime cannot load. Work directories of
+an export that was interrupted (the process killed) are removed when the graphs are next looked for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING
 import onnxruntime
 
 from exitserve.models.backends.base import QUANTIZATIONS
+from exitserve.models.bounded_files import file_sha256, read_json
 from exitserve.models.cache import cache_dir
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.exit_config import WEIGHTS, ExitConfig
@@ -49,6 +54,8 @@ log = logging.getLogger("exitserve")
 
 FORMAT = 2
 MANIFEST = "manifest.json"
+WORK_MARK = "-work-"  # in the names of build directories: .<variant>-work-<host>-<pid>-<random>
+STALE_WORK_SECONDS = 3600  # another host's work directory this old is an interrupted export
 COMPOSED = "early_exit.onnx"
 # The composed graph's weights live beside it, as ONNX external data: ORT then loads them straight into its
 # tensors. Kept inside the graph file, the `If` bodies holding them stay in memory as well (measured: the
@@ -72,14 +79,6 @@ def variant_name(quantize: str) -> str:
     return "fp32" if quantize == "none" else quantize
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class Source:
     """What the graphs are built from: the checkpoint's files, hashed, and the exit-config fields that matter."""
@@ -95,8 +94,9 @@ class Source:
         fields = {"num_layers": cfg.num_layers, "num_outputs": cfg.num_outputs, "use_lte": cfg.use_lte,
                   "pooling": cfg.pooling, "final_activation": cfg.final_activation, "max_length": cfg.max_length,
                   "criterion": cfg.criterion, "regression": cfg.regression, "patience_delta": cfg.patience_delta,
-                  "exit_rule_sha256": _sha256(rule) if cfg.criterion == "learned" and rule.is_file() else None}
-        return cls(_sha256(directory / WEIGHTS), _sha256(directory / "config.json"), fields, cfg.make_criterion())
+                  "exit_rule_sha256": file_sha256(rule) if cfg.criterion == "learned" and rule.is_file() else None}
+        return cls(file_sha256(directory / WEIGHTS), file_sha256(directory / "config.json"), fields,
+                   cfg.make_criterion())
 
 
 def layer_files(num_layers: int) -> list[str]:
@@ -116,7 +116,7 @@ def candidates(directory: Path, source: Source, variant: str) -> list[Path]:
 def problem(directory: Path, source: Source, variant: str) -> str | None:
     """Why `directory` cannot be served (None: it can)."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = read_json(directory / MANIFEST)
     except FileNotFoundError:
         return "no export"
     except (OSError, ValueError) as exc:
@@ -135,7 +135,7 @@ def problem(directory: Path, source: Source, variant: str) -> str | None:
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} is corrupt or truncated"
     return None
 
@@ -163,7 +163,7 @@ def build(model: EarlyExitModel, source: Source, variant: str, target: Path) -> 
     cfg = source.exit_config
     weights = model_weights(model, cfg["max_length"])
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}{_work_tag()}", dir=target.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would hide an image's build-time export from its non-root user
     try:
         onnx.save(embeddings_graph(weights.embeddings), work / "embeddings.onnx")
@@ -180,12 +180,12 @@ def build(model: EarlyExitModel, source: Source, variant: str, target: Path) -> 
             "format": FORMAT, "variant": variant, "weights_sha256": source.weights_sha256,
             "config_sha256": source.config_sha256, "exit_config": source.exit_config, "family": weights.family,
             "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "files": {name: _sha256(work / name) for name in names},
+            "files": {name: file_sha256(work / name) for name in names},
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}-old-{os.getpid()}")
+            old = target.with_name(f".{target.name}{_work_tag()}old")
             target.rename(old)
         try:
             work.rename(target)
@@ -197,6 +197,41 @@ def build(model: EarlyExitModel, source: Source, variant: str, target: Path) -> 
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_tag() -> str:
+    return f"{WORK_MARK}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _interrupted(path: Path) -> bool:
+    """A work directory whose export will never finish: its process (on this host) is gone, or, from
+    another host sharing the directory, it is over an hour old."""
+    host, _, rest = path.name.partition(WORK_MARK)[2].rpartition("-")[0].rpartition("-")
+    if host == socket.gethostname() and rest.isdigit():
+        try:
+            os.kill(int(rest), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > STALE_WORK_SECONDS
+    except OSError:
+        return False
+
+
+def clean_interrupted(places: list[Path]) -> None:
+    """Remove the work directories interrupted exports left next to `places`."""
+    for parent in {p.parent for p in places}:
+        try:
+            leftovers = [p for p in parent.iterdir() if WORK_MARK in p.name and p.name.startswith(".")]
+        except OSError:
+            continue
+        for path in leftovers:
+            if path.is_dir() and _interrupted(path):
+                log.info("removing %s, left by an interrupted ONNX export", path)
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _writable(directory: Path) -> bool:
@@ -245,22 +280,35 @@ def _nowhere(places: list[Path]) -> OnnxStoreError:
                           "(set EXITSERVE_CACHE to a writable directory, or use backend=torch)")
 
 
+def _build_first_writable(load_model: ModelLoader, source: Source, variant: str, places: list[Path],
+                          why: str) -> Path:
+    for place in places:
+        if _writable(place):
+            return _build_checked(load_model, source, variant, place, why)
+    raise _nowhere(places)
+
+
 def ensure_graphs(directory: Path, exit_config: ExitConfig, load_model: ModelLoader, quantize: str = "none") -> Path:
     """A valid graph directory for the checkpoint in `directory` (what `serve` uses): the first valid one
     among the checkpoint's and the cache's, else one built (and logged) in the first writable of them,
     from the torch model `load_model` returns."""
     variant, source = variant_name(quantize), Source.of(directory, exit_config)
     places = candidates(directory, source, variant)
+    clean_interrupted(places)
     reasons = []
-    for directory in places:
-        why = problem(directory, source, variant)
+    for place in places:
+        why = problem(place, source, variant)
         if why is None:
-            return directory
-        reasons.append(f"{directory}: {why}")
-    for directory in places:
-        if _writable(directory):
-            return _build_checked(load_model, source, variant, directory, "; ".join(reasons))
-    raise _nowhere(places)
+            return place
+        reasons.append(f"{place}: {why}")
+    return _build_first_writable(load_model, source, variant, places, "; ".join(reasons))
+
+
+def rebuild_graphs(directory: Path, exit_config: ExitConfig, load_model: ModelLoader, quantize: str, why: str) -> Path:
+    """Graphs built afresh from the checkpoint (in the first writable place), whatever is stored: for
+    graphs whose manifest checks out but that fail the self-test or that onnxruntime cannot load."""
+    variant, source = variant_name(quantize), Source.of(directory, exit_config)
+    return _build_first_writable(load_model, source, variant, candidates(directory, source, variant), why)
 
 
 def export_graphs(directory: Path, exit_config: ExitConfig, load_model: ModelLoader,

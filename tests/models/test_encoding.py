@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 from transformers import MPNetTokenizerFast, RobertaTokenizerFast
 
-from exitserve.models.encoding import Encoded, InputTooLong, TextEncoder, mean_pool_weights, pad_tokens
+from exitserve.models.encoding import (
+    EmptyInput,
+    Encoded,
+    InputTooLong,
+    TextEncoder,
+    encode,
+    mean_pool_weights,
+    pad_tokens,
+)
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "THE ACTING IS WOODEN", "naïve café déjà vu",
          "x" * 300, "the " * 200, "emoji 🎬 and [MASK] and [PAD] spelled out"]
-PAIRS = ["a man plays a guitar", "SOMEONE PLAYS", "", "y " * 150, "short", "[SEP] inside"]
+PAIRS = ["a man plays a guitar", "SOMEONE PLAYS", "ok", "y " * 150, "short", "[SEP] inside"]
 
 
 def hf_ids(tokenizer, texts, pairs=None, max_length=64, truncate=True):
@@ -72,3 +80,21 @@ def test_padding_and_mean_pool_weights():
     pool = mean_pool_weights(tokens.lengths, 3)
     assert pool.shape == (2, 1, 3) and pool.dtype == np.float32
     assert pool[0, 0].tolist() == pytest.approx([1 / 3] * 3) and pool[1, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("text", ["\u0301\u0308", "\ufe0f", "\ue000\ue001", "\ufffd", "\u200b \u00ad"])
+def test_a_text_the_tokenizer_keeps_nothing_of_is_refused(tokenizer, text):
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == []  # the premise: all of it is dropped
+    for encoder in (tokenizer, TextEncoder.from_hf(tokenizer, 64)):  # the library's callers and a server's
+        with pytest.raises(EmptyInput, match=r"^text\[1\]: empty text"):
+            encode(encoder, ["fine", text], max_length=64)
+
+
+def test_an_empty_second_text_of_a_pair_is_refused(tokenizer):
+    with pytest.raises(EmptyInput, match=r"^text_pair\[0\]: empty text"):
+        encode(tokenizer, ["fine"], ["\ufe0f"])
+
+
+def test_texts_with_something_to_keep_are_encoded(tokenizer):
+    (single,), (pair,) = encode(tokenizer, ["\u2800"]), encode(tokenizer, ["fine"], ["ok\u0301"])
+    assert len(single) == 3 and pair.token_type_ids is not None  # [CLS] [UNK] [SEP]: for the route to refuse

@@ -15,6 +15,7 @@ from exitserve.models.backends import create_backend
 from exitserve.models.backends.onnx_backend import OnnxBackend
 from exitserve.models.backends.torch_backend import TorchBackend
 from exitserve.models.calibration import RiskMethod, calibrate
+from exitserve.models.canaries import read
 from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.criteria import ExitCriterion
 from exitserve.models.early_exit import EarlyExitModel
@@ -136,6 +137,7 @@ def test_int8_is_opt_in_close_to_fp32_and_calibrated_as_its_own_variant(sst2_mod
     reread = load_checkpoint(ckpt_dir).exit_config
     assert reread.threshold_for("onnxruntime-int8") == stored["threshold"]
     assert reread.threshold_for(None) == default
+    assert "onnxruntime-int8" in read(ckpt_dir).references  # the self-test checks the variant on its own record
 
 
 def test_quantize_needs_onnxruntime(tiny_checkpoint):

@@ -5,26 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from exitserve.cli import main
 from exitserve.models.backends import create_backend, onnx_store
-from exitserve.models.backends.onnx_store import MANIFEST, OnnxStoreError, ensure_graphs
+from exitserve.models.backends.onnx_store import MANIFEST, WORK_MARK, OnnxStoreError, ensure_graphs
 from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
 from exitserve.models.encoding import encode
 from exitserve.models.inference import record_all_layers
 from tests.conftest import make_exit_config, make_model
-
-
-@pytest.fixture
-def ckpt_dir(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("EXITSERVE_CACHE", str(tmp_path / "cache"))
-    directory = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, directory, ignore=shutil.ignore_patterns("onnx"))
-    return directory
 
 
 def final_logits(directory, tokenizer, sst2_texts):
@@ -117,3 +114,26 @@ def test_export_onnx_command(ckpt_dir, capsys):
     capsys.readouterr()
     assert main(["export-onnx", str(ckpt_dir / "nope")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_work_directories_of_an_interrupted_export_are_removed_at_the_next_start(ckpt_dir):
+    # a real export killed half-way leaves its work directory behind
+    code = f"from exitserve.cli import main; main(['export-onnx', {str(ckpt_dir)!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    parent, end = ckpt_dir / "onnx", time.monotonic() + 120
+    while not (parent.is_dir() and any(WORK_MARK in p.name for p in parent.iterdir())):
+        assert proc.poll() is None and time.monotonic() < end, "the export finished before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = [p for p in parent.iterdir() if WORK_MARK in p.name]
+    # and work directories of other hosts sharing the checkpoint: an hour-old one is dead, a new one may be alive
+    stale, fresh = parent / f".fp32{WORK_MARK}elsewhere-1-aaaa", parent / f".fp32{WORK_MARK}elsewhere-2-bbbb"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    mine = parent / f".fp32{WORK_MARK}{socket.gethostname()}-{os.getpid()}-cccc"  # a live process's: kept
+    mine.mkdir()
+    ensure(load_checkpoint(ckpt_dir))
+    assert not killed.exists() and not stale.exists()
+    assert fresh.exists() and mine.exists()

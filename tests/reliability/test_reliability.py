@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import pickle
 import shutil
 import socket
@@ -23,10 +24,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
+from exitserve.loadtest.reliability.tamper import TOKENIZER_DAMAGE
 from exitserve.models.exit_config import CheckpointError
 from exitserve.server import guard as guard_module
 from exitserve.server.app import create_app
-from exitserve.server.main import run
+from exitserve.server.main import DrainingServer, run
 from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 from tests.conftest import TINY_LAYERS
@@ -356,6 +358,20 @@ def damage(checkpoint: Path, how: str, tmp_path: Path, tokenizer) -> Path:
     elif how == "5-token vocab":  # every word would be [UNK]
         (broken / "tokenizer.json").unlink()
         (broken / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    elif how == "config.json nested 100,000 deep":  # was a RecursionError traceback
+        (broken / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "exit_config.json a FIFO":  # its read used to wait for a writer for ever
+        (broken / "exit_config.json").unlink()
+        os.mkfifo(broken / "exit_config.json")
+    elif how == "exit_config.json -> /dev/zero":  # used to be read until memory ran out
+        (broken / "exit_config.json").unlink()
+        (broken / "exit_config.json").symlink_to("/dev/zero")
+    elif how == "exit_config.json of 8 MB":
+        edit_exit_config(broken, training={"notes": "x" * 8_000_000})
+    elif how == "canaries.json damaged":
+        (broken / "canaries.json").write_text('{"format": 1, "texts": []}')
+    elif how in TOKENIZER_DAMAGE:  # the right size, another mapping: used to serve confident wrong answers
+        TOKENIZER_DAMAGE[how](broken)
     elif how in ("NaN weights", "inf weights"):
         state = load_file(str(weights))
         state["encoder.embeddings.word_embeddings.weight"][100] = float("nan" if how == "NaN weights" else "inf")
@@ -375,19 +391,23 @@ EXIT_CONFIG_DAMAGE = {
     "max_length over the positions": {"max_length": 1000},  # the tiny backbone has 128
     "max_length 0": {"max_length": 0},
     "num_layers a string": {"num_layers": "4"},
+    "int8 variant's threshold not a number": {"calibration": {"variants": {"onnxruntime-int8": {"threshold": "high"}}}},
+    "int8 variant's threshold out of range": {"calibration": {"variants": {"onnxruntime-int8": {"threshold": 1.5}}}},
 }
 BAD = ["missing exit config", "missing tokenizer", "corrupt safetensors", "head shapes", "tokenizer", "pickle",
-       "5-token vocab", "NaN weights", "inf weights", *EXIT_CONFIG_DAMAGE]
+       "5-token vocab", "NaN weights", "inf weights", *EXIT_CONFIG_DAMAGE, "config.json nested 100,000 deep",
+       "exit_config.json a FIFO", "exit_config.json -> /dev/zero", "exit_config.json of 8 MB", "canaries.json damaged",
+       *TOKENIZER_DAMAGE]
 
 
 @pytest.mark.parametrize("how", BAD)
 def test_a_bad_checkpoint_stops_start_up_with_one_line_and_never_serves(tiny_checkpoint, tmp_path, tokenizer,
-                                                                         capsys, how):
+                                                                         capsys, monkeypatch, how):
     broken = damage(tiny_checkpoint, how, tmp_path, tokenizer)
-    with socket.socket() as taken:  # if the checkpoint were accepted, binding this port fails: no hang
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        assert run(Settings(checkpoint=broken, port=taken.getsockname()[1])) == 2
+    served = []  # if the checkpoint were accepted, uvicorn would be started: recorded here instead
+    monkeypatch.setattr(DrainingServer, "run", lambda self, sockets=None: served.append(self))
+    assert run(Settings(checkpoint=broken, port=0)) == 2
+    assert not served
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("exitserve serve: cannot start: "), lines
     with pytest.raises(CheckpointError), TestClient(create_app(Settings(checkpoint=broken))) as client:

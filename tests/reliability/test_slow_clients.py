@@ -9,6 +9,8 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -22,10 +24,14 @@ SLACK = 4.0  # seconds a busy 2-core machine may add to a 1-s bound
 STARTUP = 300  # seconds a server may take to become ready on a machine shared with training runs
 
 
-@pytest.fixture(scope="module", params=["h11", "httptools"])
-def server(request, tiny_checkpoint):
+PARSERS = ("h11", "httptools")
+
+
+@contextmanager
+def serving(checkpoint, parser: str, *settings: str) -> Iterator[int]:
+    """`exitserve serve` with `settings` and uvicorn's `parser`, until the block ends; yields its port."""
     port = free_port()
-    cmd = exitserve_command(tiny_checkpoint, port, *LIMITS, "warmup=false", f"http_protocol={request.param}")
+    cmd = exitserve_command(checkpoint, port, *settings, f"http_protocol={parser}")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, timeout=STARTUP)
@@ -33,6 +39,12 @@ def server(request, tiny_checkpoint):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module", params=PARSERS)
+def server(request, tiny_checkpoint):
+    with serving(tiny_checkpoint, request.param, *LIMITS, "warmup=false") as port:
+        yield port
 
 
 def connect(port: int) -> socket.socket:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from tests.conftest import TINY_LAYERS
@@ -157,3 +160,21 @@ def test_pair_regression_model(tiny_pair_checkpoint):
         assert "scores pairs" in error_of(c.post("/predict", json={"text": "a"}), 422)
         assert "same length" in error_of(c.post("/predict", json={"text": ["a", "b"], "text_pair": ["c"]}), 422)
         assert c.get("/info").json()["pair_input"] is True
+
+
+def test_info_stays_small_however_large_the_calibration_record(tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    path = ckpt / "exit_config.json"
+    tests = [{"threshold": i / 1e5, "risk": 0.01, "p_value": 0.5} for i in range(15_000)]  # ~0.8 MB, three times
+    record = {"method": "risk", "threshold": 0.55, "tests": tests, "note": "x" * 100_000,
+              "report": {"samples": 100, "layers_saved": 0.4, "rows": tests},
+              "variants": {"onnxruntime-int8": {"threshold": [0.6, 0.6, 0.7, 1.0], "tests": tests}}}
+    path.write_text(json.dumps({**json.loads(path.read_text()), "calibration": record}))
+    with make_client(ckpt, warmup=False) as c:
+        r = c.get("/info")
+    assert r.status_code == 200 and len(r.content) < 5_000  # was the whole record: megabytes
+    calibration = r.json()["calibration"]
+    assert calibration["threshold"] == 0.55 and calibration["report"] == {"samples": 100, "layers_saved": 0.4}
+    assert calibration["variants"]["onnxruntime-int8"] == {"threshold": [0.6, 0.6, 0.7, 1.0]}
+    assert "tests" not in calibration and len(calibration["note"]) == 200

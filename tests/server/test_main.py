@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from exitserve.loadtest.servers import exitserve_command, free_port, wait_ready
 from exitserve.server.app import create_app
 from exitserve.server.main import DrainingServer, run
+from exitserve.server.service import PredictionService
 from exitserve.server.settings import Settings
 
 
@@ -109,7 +111,7 @@ def test_drain_delay_keeps_serving_while_ready_says_503_then_stops(tiny_checkpoi
 @pytest.mark.parametrize("access_log", [True, False])
 def test_settings_reach_uvicorn(tiny_checkpoint, monkeypatch, access_log):
     seen = []
-    monkeypatch.setattr(DrainingServer, "run", lambda self: seen.append(self))
+    monkeypatch.setattr(DrainingServer, "run", lambda self, sockets=None: seen.append(self))
     settings = Settings(checkpoint=tiny_checkpoint, warmup=False, access_log=access_log, drain_delay=3, port=8123)
     assert run(settings) == 1  # never started: run() was replaced
     (server,) = seen
@@ -149,3 +151,17 @@ def test_broken_checkpoint_stops_start_up_with_a_one_line_reason(tiny_checkpoint
     lines = [line for line in err.strip().splitlines() if line.startswith("exitserve serve")]
     assert len(lines) == 1 and "cannot start" in lines[0]
     assert "Traceback" not in err
+
+
+def test_a_busy_port_fails_at_once_before_the_model_loads(tiny_checkpoint, monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(PredictionService, "load", classmethod(lambda cls, settings: loaded.append(settings)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run(Settings(checkpoint=tiny_checkpoint, port=port)) == 2
+    assert not loaded  # used to load (and warm up) the model first, then fail in uvicorn
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"exitserve serve: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use"]
+

@@ -36,6 +36,7 @@ from exitserve.server.settings import Settings
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install '.[ray]')")
 from ray.serve import Application
 
+from exitserve.server.error_format import KINDS
 from exitserve.server.ray_proxy import (
     RETRIES_HEADER,
     RETRY_ATTEMPTS,
@@ -279,3 +280,14 @@ def test_a_request_whose_client_left_is_not_sent_again():
     asyncio.run(RetryLostReplica(proxy_sees_the_client_leave)({"type": "http", "method": "POST", "path": "/predict"},
                                                               receive, send))
     assert calls == [{"type": "http.request", "body": b"{}", "more_body": False}]
+@pytest.mark.parametrize(("ray_status", "kind"), [(408, "deadline_exceeded"), (429, "overloaded"), (503, "not_ready")])
+def test_ray_s_own_errors_are_answered_from_the_one_error_table(ray_status, kind):
+    async def ray_like(scope, receive, send):
+        await send({"type": "http.response.start", "status": ray_status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b"said by Ray"})
+
+    r = TestClient(RayErrorFormat(ray_like)).get("/predict")
+    expected = KINDS[kind]  # the same status, type and Retry-After the plain server answers with this meaning
+    assert (r.status_code, r.json()["error"]["type"]) == (expected.status, expected.type)
+    assert r.headers.get("retry-after") == (str(expected.retry_after) if expected.retry_after else None)
