@@ -120,6 +120,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2%}"  # None: nothing was answered
+
+
 def _open_loop_line(name: str, r: dict) -> str:
     return (f"| {name} | {r['offered_rps']} | {r['answered_rps']} | {r['ok_p50_ms']} | {r['ok_p99_ms']} | "
             f"{r.get('p99_over_p50')} | {r['statuses']} | {r['wrong_answers']} |")
@@ -143,7 +147,7 @@ def _server_extras(srv: dict) -> list[str]:
     if srv.get("slo"):
         slo = srv["slo"]
         runs.append((f"exitserve, slo_ms={slo['slo_ms']}, {slo['fraction']:.0%} of capacity "
-                     f"(within the SLO: {slo['within_slo']:.2%}; refused p99 {slo['refused_p99_ms']} ms)", slo))
+                     f"(within the SLO: {_pct(slo['within_slo'])}; refused p99 {slo['refused_p99_ms']} ms)", slo))
     if runs:
         lines += ["", "Open loop (Poisson arrivals, latency from each request's scheduled send time):", "",
                   "| run | offered (req/s) | answered (req/s) | p50 (ms) | p99 (ms) | p99/p50 | statuses | wrong |",

@@ -30,6 +30,7 @@ from exitserve.server.schemas import BODY_FORMATS
 from exitserve.server.service import NonFiniteOutput
 
 FAILURE_KEY = "exitserve.failure"  # where `reply` leaves the failure label, in the request's scope state
+MODEL_KEY = "exitserve.model"  # the served model a request used (server/handling.py), in its scope state
 
 
 class ClientGone(Exception):

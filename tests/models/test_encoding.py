@@ -19,9 +19,9 @@ from exitserve.models.encoding import (
     pad_tokens,
 )
 
-TEXTS = ["a gorgeous, witty, seductive movie.", "THE ACTING IS WOODEN", "naïve café déjà vu",
+TEXTS = ["a gorgeous, witty, seductive movie.", "The Acting IS wooden", "naïve café déjà vu",
          "x" * 300, "the " * 200, "emoji 🎬 and [MASK] and [PAD] spelled out"]
-PAIRS = ["a man plays a guitar", "SOMEONE PLAYS", "ok", "y " * 150, "short", "[SEP] inside"]
+PAIRS = ["a man plays a guitar", "SOMEONE plays", "ok", "y " * 150, "short", "[SEP] inside"]
 
 
 def hf_ids(tokenizer, texts, pairs=None, max_length=64, truncate=True):

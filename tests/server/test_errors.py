@@ -78,9 +78,9 @@ def test_the_routes_answers_come_from_the_table(tiny_checkpoint):
             "unsupported_media_type": c.post("/predict", content=b"x", headers={**KEY, "content-type": "text/plain"}),
             "validation_error": c.post("/predict", json={"text": []}, headers=KEY),
         }
-        c.app.state.service.ready = False
+        c.app.state.models.sole().ready = False
         answers["not_ready"] = c.post("/predict", json={"text": "x"}, headers=KEY)
-        c.app.state.service.ready = True
+        c.app.state.models.sole().ready = True
     for name, r in answers.items():
         kind = KINDS[name]
         assert (r.status_code, r.json()["error"]["type"]) == (kind.status, kind.type), name
