@@ -7,7 +7,11 @@ In one process, on real sentences in length-sorted batches of 1 and 32, for ever
 batch: the backend's step (layer k + exit k, `Backend.layer`, what the scheduler and `predict` run),
 then each criterion's `confidence` on that step's exit output with its memory carried layer to layer
 (learned, max-prob, patience). Rounds interleave; each timing is the median over steps of a round and
-the best round counts. The ratio rule / step is the share of a step the rule adds.
+the best round counts. The ratio rule / step is the share of a step the rule adds. On ONNX Runtime
+the rule also runs inside the composed early-exit graph (what serving runs): that graph, composed for
+`learned` and for `max-prob`, runs the same batches to the last layer (threshold 2: no row exits, so
+every layer computes its rule), and `learned / max-prob − 1` is what the learned rule adds to a whole
+run over max-prob's few nodes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+import numpy as np
 
 from exitserve.loadtest.bench import machine
 from exitserve.models.backends import create_backend
@@ -47,6 +53,28 @@ def one_round(backend, criteria: dict, samples: list, batch_size: int) -> dict[s
     return {name: statistics.median(values) * 1e6 for name, values in timings.items()}
 
 
+def in_graph(backend, cfg, samples: list, batch_size: int, rounds: int) -> dict[str, float]:
+    """Seconds per whole run of the composed graph (threshold 2: every row to the last layer), composed
+    for `learned` and for `max-prob`; best of `rounds`."""
+    from exitserve.models.backends.onnx_backend import OnnxBackend
+
+    batches = [[samples[i] for i in idx] for idx in length_batches(samples, batch_size)]
+    out = {}
+    for name in ("max-prob", "learned"):
+        criterion = cfg.make_criterion(name)
+        graph = OnnxBackend(backend.directory, backend.pad_id, criterion)
+        never = [np.full((len(b), graph.num_layers), 2.0, np.float32) for b in batches]
+        graph.run(batches[0], never[0], criterion)  # warm-up
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for batch, thresholds in zip(batches, never, strict=True):
+                graph.run(batch, thresholds, criterion)
+            times.append(time.perf_counter() - start)
+        out[name] = min(times) / len(batches)
+    return out
+
+
 def measure(checkpoint_dir: str, data: str, backend_name: str, max_samples: int, rounds: int) -> dict:
     ckpt = load_checkpoint(checkpoint_dir)
     cfg = ckpt.exit_config
@@ -64,6 +92,10 @@ def measure(checkpoint_dir: str, data: str, backend_name: str, max_samples: int,
         median = {name: min(r[name] for r in best) for name in best[0]}
         results[batch_size] = {"microseconds": median,
                                "share_of_step": {name: median[name] / median["step"] for name in criteria}}
+        if backend.name == "onnxruntime":
+            whole = in_graph(backend, cfg, samples, batch_size, rounds)
+            results[batch_size]["composed_graph_seconds"] = whole
+            results[batch_size]["composed_learned_over_max_prob"] = whole["learned"] / whole["max-prob"] - 1
     return {"checkpoint": checkpoint_dir, "backend": backend.name, "samples": len(samples), "rounds": rounds,
             "batch": results, "machine": machine()}
 
@@ -71,12 +103,15 @@ def measure(checkpoint_dir: str, data: str, backend_name: str, max_samples: int,
 def markdown(report: dict) -> str:
     lines = [f"Rule cost: {report['checkpoint']} on {report['backend']}, {report['samples']} sentences, "
              f"best of {report['rounds']} rounds; load average at start {report['machine']['load_average_at_start']}",
-             "", "| batch | step (layer + exit) | " + " | ".join(CRITERIA) + " | learned / step |",
-             "|---|---|" + "---|" * (len(CRITERIA) + 1)]
+             "", "| batch | step (layer + exit) | " + " | ".join(CRITERIA) + " | learned / step "
+             "| composed graph, whole run: learned vs max-prob |",
+             "|---|---|" + "---|" * (len(CRITERIA) + 2)]
     for batch, r in report["batch"].items():
         us = r["microseconds"]
+        extra = r.get("composed_learned_over_max_prob")
+        composed = "–" if extra is None else f"{extra:+.2%}"
         lines.append(f"| {batch} | {us['step']:.0f} µs | " + " | ".join(f"{us[n]:.1f} µs" for n in CRITERIA)
-                     + f" | {r['share_of_step']['learned']:.2%} |")
+                     + f" | {r['share_of_step']['learned']:.2%} | {composed} |")
     return "\n".join(lines)
 
 

@@ -138,7 +138,7 @@ class PredictionService:
 
             torch.set_num_threads(settings.torch_threads)
         loaded = load_served(settings.checkpoint, settings.runtime, settings.quantize, settings.ort_threads,
-                             settings.device, settings.criterion, settings.ort_arena)
+                             settings.device, settings.criterion, settings.arena)
         return cls(loaded, settings, name)
 
     @property

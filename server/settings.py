@@ -54,8 +54,10 @@ class Settings(BaseSettings):
     )
     quantize: Literal["none", "int8"] = Field("none", description="onnxruntime weights: none (fp32) or int8")
     ort_threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: one per core)")
-    ort_arena: bool = Field(True, description="onnxruntime's CPU memory arena: keeps the largest batch's buffers "
-                            "for reuse (false: each run's buffers go back to the allocator)")
+    ort_arena: Literal["auto", "true", "false"] = Field(
+        "auto", description="onnxruntime's CPU memory arena: keeps the largest batch's buffers for reuse (false: each "
+        "run's buffers go back to the allocator); auto: off on jemalloc (which returns them to the system: RSS ~0.5x "
+        "of the arena's), on with the system malloc (which fragments without it: ~2x)")
     torch_threads: int | None = Field(None, description="intra-op threads (default: torch's choice)")
     criterion: str | None = Field(None, description="override the checkpoint's exit criterion")
     policy: Literal["fcfs", "edf", "slo", "layered", "oldest"] = Field(
@@ -151,6 +153,15 @@ class Settings(BaseSettings):
         if self.target_agreement is not None and self.audit_rate == 0:
             raise ValueError("target_agreement needs audits: set audit_rate above 0")
         return self
+
+    @property
+    def arena(self) -> bool:
+        """Whether onnxruntime keeps its CPU arena (`ort_arena`; auto: only without jemalloc)."""
+        if self.ort_arena == "auto":
+            from exitserve.server.allocator import loaded
+
+            return loaded() != "jemalloc"
+        return self.ort_arena == "true"
 
     @property
     def runtime(self) -> str:

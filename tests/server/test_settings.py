@@ -46,3 +46,15 @@ def test_serve_says_what_is_wrong_with_a_setting_in_one_line(argv, message, caps
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"exitserve serve: error: {message}"), err
+
+
+@pytest.mark.parametrize(("setting", "allocator", "arena"), [
+    ("auto", "jemalloc", False), ("auto", None, True), ("true", "jemalloc", True), ("false", None, False),
+])
+def test_the_ort_arena_follows_the_allocator_unless_set(setting, allocator, arena, monkeypatch):
+    """jemalloc returns freed pages, so the arena only keeps memory (RSS ~2x); the system malloc
+    fragments without it (docs/RESULTS.md, memory)."""
+    from exitserve.server import allocator as allocator_module
+
+    monkeypatch.setattr(allocator_module, "loaded", lambda: allocator)
+    assert settings_from({"ort_arena": setting}).arena is arena
