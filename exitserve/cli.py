@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from exitserve.models.backends.onnx_store import OnnxStoreError
     from exitserve.models.exit_config import BackboneError, CheckpointError
 
-    logger = logging.getLogger("exitserve")
+    logger, handler = logging.getLogger("exitserve"), None
     if args.command != "serve" and not logger.handlers:  # serve configures logging itself; elsewhere show
         handler = logging.StreamHandler()  # exitserve's progress lines (e.g. building the ONNX graphs)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, BackboneError, OnnxStoreError, FileNotFoundError, ValueError) as exc:
         print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:  # for this command only: a caller that runs main() in its process keeps its own logging
+        if handler is not None:
+            logger.removeHandler(handler)
 
 
 if __name__ == "__main__":

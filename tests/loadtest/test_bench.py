@@ -51,7 +51,12 @@ def test_bench_all_compares_exits_on_off_and_the_peer(tiny_checkpoint, tmp_path)
     same = srv["same_load"]
     assert same["exitserve"]["offered_rps"] == pytest.approx(same["peer"]["offered_rps"], abs=0.11)  # same traffic
     assert same["peer"]["wrong_answers"] == 0 and "server_stages" not in same["peer"]  # the peer has no /metrics
-    assert srv["slo"]["slo_ms"] > 0 and 0 <= srv["slo"]["within_slo"] <= 1
+    slo = srv["slo"]
+    assert slo["slo_ms"] > 0 and slo["wrong_answers"] == 0
+    if "200" in slo["statuses"]:
+        assert 0 <= slo["within_slo"] <= 1
+    else:  # a run this short on a busy machine may shed every request: then nothing was answered in time
+        assert slo["within_slo"] is None and set(slo["statuses"]) == {"429"}
     assert set(srv["policies"]) == {"default", "layered"} and all(v > 0 for v in srv["policies"].values())
     assert (tmp_path / "b_server.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "b.md").read_text()
