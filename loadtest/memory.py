@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from exitserve.loadtest.bench_server import rss_mib
 from exitserve.loadtest.loadgen import run_load
+from exitserve.loadtest.reliability.report import write_json
 from exitserve.loadtest.servers import ServerURL, exitserve_command, free_port, ort_peer_command, running
 
 VARIANTS = [  # (name, exitserve settings)
@@ -88,10 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         hf_dir = prepare_models(args.checkpoint, Path(tmp))
         servers = measure(args.checkpoint, hf_dir, sentences(args.data, None))
     report = {"date_utc": datetime.now(timezone.utc).isoformat(" ", "seconds"), "servers": servers}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "memory.md").write_text(markdown(report))
+    out = write_json(Path(args.out) / "memory.json", report)
+    out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
 
 

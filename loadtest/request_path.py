@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from exitserve.loadtest.loadgen import run_load
+from exitserve.loadtest.reliability.report import write_json
 from exitserve.loadtest.servers import exitserve_command, free_port, ort_peer_command, running
 
 # (stage, frame substrings); a sample goes to the stage of its innermost frame matching any entry
@@ -143,10 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"date_utc": datetime.now(timezone.utc).isoformat(" ", "seconds"),
               "load_average": [round(x, 2) for x in os.getloadavg()], "seconds": args.seconds, "rate": args.rate,
               "settings": args.set, "servers": servers}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "request_path.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "request_path.md").write_text(markdown(report))
+    out = write_json(Path(args.out) / "request_path.json", report)
+    out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
 
 

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
     quantize: Literal["none", "int8"] = Field("none", description="onnxruntime weights: none (fp32) or int8")
     ort_threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: one per core)")
-    ort_arena: Literal["auto", "true", "false"] = Field(
+    ort_arena: Literal["auto"] | bool = Field(
         "auto", description="onnxruntime's CPU memory arena: keeps the largest batch's buffers for reuse (false: each "
         "run's buffers go back to the allocator); auto: off on jemalloc (which returns them to the system: RSS ~0.5x "
         "of the arena's), on with the system malloc (which fragments without it: ~2x)")
@@ -161,7 +161,7 @@ class Settings(BaseSettings):
             from exitserve.server.allocator import loaded
 
             return loaded() != "jemalloc"
-        return self.ort_arena == "true"
+        return self.ort_arena
 
     @property
     def runtime(self) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from exitserve.loadtest.reliability.report import write_json
 from exitserve.models.backends import Backend, create_backend
 from exitserve.models.backends.onnx_backend import OnnxBackend
 from exitserve.models.backends.onnx_store import COMPOSED, COMPOSED_WEIGHTS, MANIFEST, ensure_graphs
@@ -235,7 +236,5 @@ def tamper(checkpoint: Path, texts: list[str], out: Path, quantize: str = "none"
         print(f"undamaged, {row['runtime']} {row['quantize']} against the {row['record']} record: largest canary "
               f"error {row['largest']:.3g} of the spread ({row['at']}; tolerance {row['tolerance']:g}); the canaries "
               f"ran in {row['run_seconds']:.2f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tamper.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'tamper.json'}")
+    print(f"wrote {write_json(out / 'tamper.json', result)}")
     return result

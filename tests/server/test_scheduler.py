@@ -40,12 +40,25 @@ def make_samples(encoded, thresholds, deadline_s=30.0):
             for e, t in zip(encoded, rows, strict=True)]
 
 
-def scheduler_for(backend, policy: str = "fcfs", max_batch_size: int = 32, start: bool = True, **kw) -> Scheduler:
-    sched = Scheduler(backend, ExitCriterion("max-prob", TINY_LAYERS), make_policy(policy),
+def scheduler_for(backend, policy: str = "fcfs", max_batch_size: int = 32, start: bool = True,
+                  criterion: ExitCriterion | None = None, **kw) -> Scheduler:
+    sched = Scheduler(backend, criterion or ExitCriterion("max-prob", TINY_LAYERS), make_policy(policy),
                       Limits(max_batch_size), **kw)
     if start:
         sched.start()
     return sched
+
+
+async def answered(sched: Scheduler, samples: list[Sample], per_request: int | None = None) -> list:
+    """Submit `samples` as requests of `per_request` inputs (None: one request), letting the loop run
+    between them; their answers once all are in. Stops the scheduler."""
+    size = per_request or len(samples)
+    for i in range(0, len(samples), size):
+        sched.submit(samples[i : i + size])
+        await asyncio.sleep(0)
+    out = await asyncio.gather(*(s.future for s in samples))
+    sched.stop()
+    return out
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -56,15 +69,8 @@ def test_answers_under_concurrent_load_equal_answers_alone(tokenizer, sst2_texts
     thresholds = [0.5 + 0.01 * (i % 10) for i in range(len(encoded))]  # per-request thresholds
     alone = [predict(model.inner, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
 
-    async def main():
-        sched = scheduler_for(model, policy, max_batch_size=8)
-        samples = make_samples(encoded, thresholds)
-        for i in range(0, len(samples), 5):  # 12 "requests" of 5 inputs arriving concurrently
-            sched.submit(samples[i : i + 5])
-            await asyncio.sleep(0)
-        out = await asyncio.gather(*(s.future for s in samples))
-        sched.stop()
-        return out
+    async def main():  # 12 "requests" of 5 inputs arriving concurrently
+        return await answered(scheduler_for(model, policy, max_batch_size=8), make_samples(encoded, thresholds), 5)
 
     served = run(main())
     assert len({p.exit_layer for p in alone}) >= 2
@@ -140,12 +146,8 @@ def test_a_sample_that_exits_at_layer_k_costs_k_layers(tokenizer, sst2_texts, sl
     encoded = encode(tokenizer, sst2_texts[:40], max_length=64)
 
     async def main():
-        sched = scheduler_for(model, policy, max_batch_size=16)
         samples = make_samples(encoded, [0.5 + 0.01 * (i % 10) for i in range(len(encoded))])
-        sched.submit(samples)
-        out = await asyncio.gather(*(s.future for s in samples))
-        sched.stop()
-        return out
+        return await answered(scheduler_for(model, policy, max_batch_size=16), samples)
 
     model.log.clear()
     results = run(main())
@@ -209,10 +211,7 @@ def test_a_step_is_recorded_before_its_samples_are_answered(tokenizer, slow, pol
             seen.append(sum(s.finished is not None for s in samples) == counted[0])
             counted[0] += len(stats.answered)
 
-        sched = scheduler_for(slow(), policy, on_step=on_step)
-        sched.submit(samples)
-        await asyncio.gather(*(s.future for s in samples))
-        sched.stop()
+        await answered(scheduler_for(slow(), policy, on_step=on_step), samples)
         return counted[0]
 
     assert run(main()) == 3
@@ -252,15 +251,8 @@ def test_the_learned_rules_memory_travels_with_each_sample(tokenizer, sst2_texts
     alone = [predict(model.inner, crit, [e], [t] * TINY_LAYERS)[0] for e, t in zip(encoded, thresholds, strict=True)]
 
     async def main():
-        sched = Scheduler(model, crit, make_policy(policy), Limits(8))
-        sched.start()
-        samples = make_samples(encoded, thresholds)
-        for i in range(0, len(samples), 4):
-            sched.submit(samples[i : i + 4])
-            await asyncio.sleep(0)
-        out = await asyncio.gather(*(s.future for s in samples))
-        sched.stop()
-        return out
+        return await answered(scheduler_for(model, policy, max_batch_size=8, criterion=crit),
+                              make_samples(encoded, thresholds), 4)
 
     served = run(main())
     assert len({p.exit_layer for p in alone}) >= 2
